@@ -1,0 +1,65 @@
+"""Accuracy, per-class recall and a confusion table for binary sentiment labels.
+
+    >>> s = score(["正面", "负面"], ["正面", "正面"])
+    >>> s.accuracy, s.recall["负面"]
+    (0.5, 0.0)
+
+Gold labels arrive in the forms the data sets use (1/0, 正面/负面, positive/negative); `normalise_gold`
+maps them onto the canonical Chinese labels so every caller counts the same way.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+POSITIVE, NEGATIVE = "正面", "负面"
+
+_GOLD_FORMS = {
+    "1": POSITIVE, "正面": POSITIVE, "positive": POSITIVE, "pos": POSITIVE,
+    "0": NEGATIVE, "负面": NEGATIVE, "negative": NEGATIVE, "neg": NEGATIVE,
+}
+
+
+def normalise_gold(value: object) -> str:
+    """Map a gold label (1/0, 正面/负面, positive/negative, any case) onto 正面/负面."""
+    key = str(value).strip().lower()
+    if key not in _GOLD_FORMS:
+        raise ValueError(f"gold label {value!r} is not one of 1/0, 正面/负面, positive/negative")
+    return _GOLD_FORMS[key]
+
+
+@dataclass(frozen=True)
+class Score:
+    n: int
+    accuracy: float
+    recall: dict[str, float]                  # per gold class: correct / gold count (nan when a class is absent)
+    confusion: dict[str, dict[str, int]]      # confusion[gold][predicted] -> count
+    invalid: int = 0                          # predictions that were neither label
+    labels: tuple[str, ...] = field(default=(POSITIVE, NEGATIVE))
+
+    def table(self) -> str:
+        """A small plain-text confusion table, rows = gold, columns = predicted."""
+        cols = list(self.labels) + (["other"] if self.invalid else [])
+        lines = ["gold \\ pred  " + "  ".join(f"{c:>6}" for c in cols)]
+        for g in self.labels:
+            lines.append(f"{g:<12}" + "  ".join(f"{self.confusion[g].get(c, 0):>6}" for c in cols))
+        return "\n".join(lines)
+
+
+def score(gold: list[str], predicted: list[str], labels: tuple[str, ...] = (POSITIVE, NEGATIVE)) -> Score:
+    """Score predictions against gold labels, both already in the canonical label set."""
+    if len(gold) != len(predicted):
+        raise ValueError(f"{len(gold)} gold labels but {len(predicted)} predictions")
+    confusion = {g: {} for g in labels}
+    invalid = 0
+    for g, p in zip(gold, predicted):
+        key = p if p in labels else "other"
+        invalid += key == "other"
+        confusion[g][key] = confusion[g].get(key, 0) + 1
+    correct = sum(confusion[g].get(g, 0) for g in labels)
+    recall = {}
+    for g in labels:
+        total = sum(confusion[g].values())
+        recall[g] = confusion[g].get(g, 0) / total if total else float("nan")
+    n = len(gold)
+    return Score(n=n, accuracy=correct / n if n else float("nan"), recall=recall,
+                 confusion=confusion, invalid=invalid, labels=labels)

@@ -1,0 +1,7 @@
+"""Hugging Face checkout -> GGUF (F16, Q8_0, Q4_K_M) for Qwen2-family models, without torch.
+
+    python -m convert all Qwen/Qwen1.5-0.5B-Chat --out models
+
+Stages, one module each: `download` (huggingface-hub), `hf_to_gguf` (our streaming converter),
+`quantize` (llama.cpp's quantizer), `pipeline` (the three in a row, with a manifest).
+"""

@@ -1,0 +1,174 @@
+"""Convert a Qwen2-family Hugging Face checkout (Qwen1.5, Qwen2, Qwen2.5) to a GGUF file, tensor by tensor.
+
+    python -m convert to-gguf path/to/Qwen1.5-0.5B-Chat models/Qwen1.5-0.5B-Chat/Qwen1.5-0.5B-Chat-F16.gguf
+
+or from Python: `convert_hf_to_gguf(Path(checkout), Path(out), outtype="F16")`.
+
+The result matches llama.cpp's reference converter (`convert_hf_to_gguf.py --outtype f16` of the llama.cpp
+vendored in our pinned llama-cpp-python): the same tensors (names, shapes, types, bytes), hyperparameters and
+tokenizer metadata. Only numpy and the `gguf` package are used. Memory stays flat in the model's size: the
+GGUF header is written from the safetensors headers alone, then each tensor is streamed through in row chunks.
+The file is written to `<out>.tmp` and renamed at the end, so a failed run leaves no half-written GGUF.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Callable
+
+import gguf
+import numpy as np
+
+from .safetensors_np import CheckpointError, TensorRef, checkpoint_tensors
+from .tokenizer import add_vocab_to_gguf, read_vocab
+
+log = logging.getLogger(__name__)
+
+SUPPORTED_ARCHITECTURES = ("Qwen2ForCausalLM",)
+OUTTYPES = {"F16": gguf.LlamaFileType.MOSTLY_F16, "F32": gguf.LlamaFileType.ALL_F32}
+
+
+def read_config(checkout: Path) -> dict:
+    path = checkout / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing; is {checkout} a Hugging Face model checkout?")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    archs = config.get("architectures") or []
+    if not any(a in SUPPORTED_ARCHITECTURES for a in archs):
+        raise CheckpointError(f"{path}: architecture {archs or config.get('model_type')} is not supported; "
+                              f"this converter handles {', '.join(SUPPORTED_ARCHITECTURES)} (Qwen1.5, Qwen2, Qwen2.5)")
+    for key in ("num_hidden_layers", "hidden_size", "vocab_size"):
+        if key not in config:
+            raise CheckpointError(f"{path}: no {key}")
+    return config
+
+
+def _gguf_type(gguf_name: str, ndim: int, outtype: str) -> gguf.GGMLQuantizationType:
+    # Same rule as the reference: 1-D tensors (biases, norms) and *_norm weights stay F32;
+    # only `.weight` matrices take the output type.
+    if ndim <= 1 or gguf_name.endswith("_norm.weight") or not gguf_name.endswith(".weight"):
+        return gguf.GGMLQuantizationType.F32
+    return gguf.GGMLQuantizationType.F16 if outtype == "F16" else gguf.GGMLQuantizationType.F32
+
+
+def _add_hparams(writer: gguf.GGUFWriter, config: dict, n_layers: int, ftype: gguf.LlamaFileType) -> None:
+    """qwen2.* keys, in the reference's order (TextModel.set_gguf_parameters)."""
+    writer.add_block_count(n_layers)
+    for key, add in (("max_position_embeddings", writer.add_context_length),
+                     ("hidden_size", writer.add_embedding_length),
+                     ("intermediate_size", writer.add_feed_forward_length),
+                     ("num_attention_heads", writer.add_head_count),
+                     ("num_key_value_heads", writer.add_head_count_kv)):
+        if key in config:
+            add(config[key])
+    rope = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
+    if "rope_theta" not in rope and "rope_theta" in config:
+        rope["rope_theta"] = config["rope_theta"]
+    rope_type, factor = rope.get("rope_type", rope.get("type")), rope.get("factor")
+    if rope_type == "linear" and factor is not None:
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(factor)
+    elif rope_type == "yarn" and factor is not None:
+        writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        writer.add_rope_scaling_factor(factor)
+        writer.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
+    elif rope_type not in (None, "default"):
+        raise CheckpointError(f"rope scaling type {rope_type!r} is not supported")
+    if "rope_theta" in rope:
+        writer.add_rope_freq_base(rope["rope_theta"])
+    if "rms_norm_eps" in config:
+        writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
+    if config.get("head_dim") is not None:
+        writer.add_key_length(config["head_dim"])
+        writer.add_value_length(config["head_dim"])
+    writer.add_file_type(ftype)
+
+
+def _write_tensor(fout, t: TensorRef, qtype: gguf.GGMLQuantizationType) -> None:
+    np_type = np.float16 if qtype == gguf.GGMLQuantizationType.F16 else np.float32
+    if (t.dtype, np_type) in (("F16", np.float16), ("F32", np.float32)):
+        # Already in the output type: copy the bytes through the memory map.
+        raw = np.memmap(t.path, dtype=np.uint8, mode="r", offset=t.offset, shape=(t.nbytes,))
+        for start in range(0, t.nbytes, 1 << 24):
+            fout.write(raw[start:start + (1 << 24)].tobytes())
+        del raw
+        return
+    for chunk in t.rows():
+        chunk.astype(np_type).tofile(fout)
+
+
+def convert_hf_to_gguf(checkout: Path, out: Path, outtype: str = "F16",
+                       progress: Callable[[int, int], None] | None = None) -> Path:
+    """Write `out` from the checkout; `progress(done_bytes, total_bytes)` is called after each tensor."""
+    if outtype not in OUTTYPES:
+        raise ValueError(f"outtype {outtype!r}: choose one of {', '.join(OUTTYPES)}")
+    checkout = Path(checkout)
+    config = read_config(checkout)
+    n_layers = config["num_hidden_layers"]
+    tensors = checkpoint_tensors(checkout)
+    vocab = read_vocab(checkout, config["vocab_size"])   # fail on a bad tokenizer before writing anything
+    name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.QWEN2, n_layers)
+
+    writer = gguf.GGUFWriter(path=None, arch=gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.QWEN2])
+    plan: list[tuple[TensorRef, gguf.GGMLQuantizationType]] = []
+    for t in tensors:
+        if t.name.endswith(".rotary_emb.inv_freq"):
+            continue
+        gname = name_map.get_name(t.name, try_suffixes=(".weight", ".bias"))
+        if gname is None:
+            raise CheckpointError(f"{t.path}: tensor {t.name} has no place in a Qwen2 GGUF")
+        qtype = _gguf_type(gname, len(t.shape), outtype)
+        itemsize = 2 if qtype == gguf.GGMLQuantizationType.F16 else 4
+        writer.add_tensor_info(gname, t.shape, np.dtype(np.float16 if itemsize == 2 else np.float32),
+                               t.n_elements * itemsize, raw_dtype=qtype)
+        plan.append((t, qtype))
+
+    # Metadata in the reference's order: general.type, general.* from the model card, hparams,
+    # quantization version, then the tokenizer.
+    writer.add_type(gguf.GGUFType.MODEL)
+    total_params, shared, expert, n_expert = writer.get_total_parameter_count()
+    meta = gguf.Metadata.load(None, checkout, None, total_params)
+    if meta.name is None:
+        meta.name = checkout.name
+    # gguf 0.19.0 on PyPI predates the vendored gguf-py's reading of HF's own name for this setting.
+    if meta.sampling_penalty_repeat is None:
+        meta.sampling_penalty_repeat = gguf.Metadata.load_generation_config(checkout).get("repetition_penalty")
+    if meta.size_label is None and total_params > 0:
+        meta.size_label = gguf.size_label(total_params, shared, expert, n_expert)
+    meta.set_gguf_meta_model(writer)
+    _add_hparams(writer, config, n_layers, OUTTYPES[outtype])
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    add_vocab_to_gguf(writer, vocab)
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    total = sum(t.n_elements * (2 if q == gguf.GGMLQuantizationType.F16 else 4) for t, q in plan)
+    try:
+        writer.write_header_to_file(path=tmp)
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        fout = writer.fout[0]
+        writer.write_padding(fout, fout.tell())
+        done = 0
+        for t, qtype in plan:
+            start = fout.tell()
+            _write_tensor(fout, t, qtype)
+            written = fout.tell() - start
+            writer.write_padding(fout, written)
+            done += written
+            if progress:
+                progress(done, total)
+        writer.close()
+        os.replace(tmp, out)
+    except BaseException:
+        writer.close()
+        tmp.unlink(missing_ok=True)
+        raise
+    log.info("wrote %s (%d tensors)", out, len(plan))
+    return out

@@ -1,0 +1,60 @@
+"""Quantize a GGUF file with llama.cpp's own quantizer (through llama-cpp-python), showing progress.
+
+    python -m convert quantize models/X/X-F16.gguf models/X/X-Q4_K_M.gguf --type Q4_K_M
+
+`quantize_gguf(src, dst, "Q8_0")` from Python. The quantizer reports each tensor through llama.cpp's log
+("[  12/ 290] blk.0.attn_q.weight ..."); we read those lines to drive a progress callback and keep them
+off the terminal. Output goes to `<dst>.tmp` first, so a failed run leaves no half-written file.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import re
+from pathlib import Path
+from typing import Callable
+
+import llama_cpp
+import llama_cpp._logger
+
+# GGUF spelling -> llama_ftype
+QUANT_TYPES = {
+    "Q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0,
+    "Q4_K_M": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M,
+}
+_STEP = re.compile(rb"\[\s*(\d+)/\s*(\d+)\]")
+
+
+def quantize_gguf(src: Path, dst: Path, qtype: str, n_threads: int | None = None,
+                  progress: Callable[[int, int], None] | None = None) -> Path:
+    """Write `dst` as `qtype` from the F16/F32 GGUF `src`; `progress(tensor_index, n_tensors)` per tensor."""
+    if qtype not in QUANT_TYPES:
+        raise ValueError(f"quant type {qtype!r}: choose one of {', '.join(QUANT_TYPES)}")
+    src, dst = Path(src), Path(dst)
+    if not src.is_file():
+        raise FileNotFoundError(f"{src}: no such GGUF file")
+    tmp = dst.with_name(dst.name + ".tmp")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = QUANT_TYPES[qtype]
+    params.nthread = n_threads or os.cpu_count() or 1
+    errors: list[str] = []
+
+    @llama_cpp.llama_log_callback
+    def on_log(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+        if level == 3:  # GGML_LOG_LEVEL_ERROR
+            errors.append(text.decode("utf-8", "replace").strip())
+        m = _STEP.search(text or b"")
+        if m and progress:
+            progress(int(m.group(1)), int(m.group(2)))
+
+    llama_cpp.llama_log_set(on_log, ctypes.c_void_p(0))
+    try:
+        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
+    finally:
+        llama_cpp.llama_log_set(llama_cpp._logger.llama_log_callback, ctypes.c_void_p(0))
+    if rc != 0 or not tmp.is_file():
+        tmp.unlink(missing_ok=True)
+        detail = "; ".join(e for e in errors if e) or f"llama_model_quantize returned {rc}"
+        raise RuntimeError(f"{src}: quantizing to {qtype} failed: {detail}")
+    os.replace(tmp, dst)
+    return dst
