@@ -71,6 +71,20 @@ def _base_and_added(checkout: Path) -> tuple[dict[str, int], dict[int, tuple[str
     return _read_json(vj_path), added
 
 
+def _byte_level_adds_nothing(checkout: Path, special: gguf.SpecialVocab) -> None:
+    """A ByteLevel post-processor adds no BOS/EOS: say so in the GGUF, as the reference does.
+
+    The gguf-py vendored with llama.cpp records this (and lets the post-processor win over
+    tokenizer_config's add_*_token); gguf 0.19.0 on PyPI does not yet, so we apply the same rule here.
+    """
+    tj_path = checkout / "tokenizer.json"
+    if not tj_path.is_file():
+        return
+    post = _read_json(tj_path).get("post_processor") or {}
+    if any(p.get("type") == "ByteLevel" for p in post.get("processors", [post])):
+        special.add_special_token.update(bos=False, eos=False)
+
+
 def read_vocab(checkout: Path, vocab_size: int) -> Vocab:
     base, added = _base_and_added(checkout)
     reverse = {i: t for t, i in base.items()}
@@ -92,6 +106,7 @@ def read_vocab(checkout: Path, vocab_size: int) -> Vocab:
             tokens.append(token)
             types.append(gguf.TokenType.NORMAL)
     special = gguf.SpecialVocab(checkout, load_merges=True)
+    _byte_level_adds_nothing(checkout, special)
     if not special.merges:
         raise CheckpointError(f"{checkout}: no BPE merges in tokenizer.json or merges.txt")
     return Vocab(tokens, types, QWEN2_PRE, special)

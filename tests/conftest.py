@@ -1,0 +1,56 @@
+"""Shared fixtures: the real Qwen1.5 tokenizer files, a tiny random-weight checkout, and its GGUF files.
+
+The tiny model goes through the same entry point as `make models` (`python -m convert all`), so every
+test that uses `tiny_models` also exercises the pipeline. The llama-cpp-python sdist that carries the
+tokenizer is downloaded once into `.cache/vocab/` (git-ignored).
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from tinymodel import build_checkout, fetch_vocab  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+CACHE = Path(os.environ.get("ALLINONE_TEST_CACHE", ROOT / ".cache"))
+PROXY_MODEL = Path(os.environ.get("ALLINONE_PROXY_MODEL",
+                                  Path.home() / ".cache/qwen-proxy/qwen2.5-coder-0.5b-instruct-Q4_K_M.gguf"))
+QUANTS = ("F16", "Q8_0", "Q4_K_M")
+
+
+def run_convert(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`python -m convert ARGS` as a user runs it; output captured as text."""
+    return subprocess.run([sys.executable, "-m", "convert", *args], cwd=ROOT, capture_output=True, text=True,
+                          env=env, timeout=600)
+
+
+@pytest.fixture(scope="session")
+def vocab_dir() -> Path:
+    return fetch_vocab(CACHE / "vocab")
+
+
+@pytest.fixture(scope="session")
+def tiny_checkout(vocab_dir, tmp_path_factory) -> Path:
+    return build_checkout(vocab_dir, tmp_path_factory.mktemp("hf") / "tiny-qwen1.5")
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tiny_checkout, tmp_path_factory) -> dict[str, Path]:
+    """{"F16": path, "Q8_0": path, "Q4_K_M": path} of the tiny model, made by `python -m convert all`."""
+    out = tmp_path_factory.mktemp("models")
+    r = run_convert("all", str(tiny_checkout), "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    return {q: out / "tiny-qwen1.5" / f"tiny-qwen1.5-{q}.gguf" for q in QUANTS}
+
+
+@pytest.fixture(scope="session")
+def proxy_model() -> Path:
+    if not PROXY_MODEL.is_file():
+        pytest.skip(f"proxy model not found at {PROXY_MODEL}; run ../shared/tools/proxy-model.sh "
+                    "or set ALLINONE_PROXY_MODEL")
+    return PROXY_MODEL
