@@ -1,0 +1,116 @@
+"""Full-scale check of the model pipeline on a real 0.5B checkout: speed, memory and quantization quality.
+
+    python bench/convert_bench.py CHECKOUT [--reference-python .venv-ref/bin/python]
+
+CHECKOUT is a Hugging Face folder such as the one ../shared/tools/proxy-hf.sh builds. The script
+1. converts it with our converter and (if a reference environment is given) with llama.cpp's
+   convert_hf_to_gguf.py, each in its own process, timing it and reading its peak RSS, and checks the two
+   F16 files are identical;
+2. times `python -m convert all` (F16 + Q8_0 + Q4_K_M) from scratch;
+3. feeds the same fixed Chinese and English text to the three files and reports, teacher-forced, how often
+   the quantized file's most likely next token agrees with the F16 file's.
+Prints a Markdown table. Figures depend on the machine: run it where you want to know them.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+
+# Fixed texts for the agreement check, written for this purpose (not taken from any data set).
+TEXTS = [
+    "今天的实验终于成功了，我们整个小组都非常激动。过去三个月里，我们反复调整参数，失败了几十次，"
+    "有时候真的想放弃。但是导师一直鼓励我们，说科研就是这样，一点一点往前走。昨天晚上，数据终于和理论预测吻合了，"
+    "大家在实验室里欢呼起来。接下来我们要整理结果，写论文，还要准备下个月的学术报告。虽然很累，但心里特别踏实。"
+    "外卖今天又迟到了一个小时，饭菜都凉了，客服的态度也很差，说会给我补偿，结果什么都没有。我以后不会再点这家店了。",
+    "The hotel was close to the station and the staff were friendly, but the room was smaller than the photos "
+    "suggested and the air conditioner made a loud noise all night. Breakfast was good, with fresh fruit and "
+    "coffee. I would stay again for a short business trip, though not for a family holiday. Overall, the price "
+    "was fair for what you get, and the location made up for most of the small problems we had during our stay.",
+]
+
+
+def run_measured(cmd: list[str], cwd: Path | None = None) -> tuple[float, float]:
+    """(wall seconds, peak RSS in MB) of a child process."""
+    start = time.perf_counter()
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    p = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
+    if p.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd[:3])} failed:\n{p.stderr[-2000:]}")
+    seconds = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    # ru_maxrss of RUSAGE_CHILDREN is the largest child so far: run the lighter command first
+    return seconds, max(peak, before) / 1024
+
+
+def argmax_positions(model_path: Path, text: str, n_threads: int) -> np.ndarray:
+    import llama_cpp
+    llm = llama_cpp.Llama(str(model_path), n_ctx=1024, n_threads=n_threads, logits_all=True, verbose=False)
+    tokens = llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)
+    llm.eval(tokens)
+    logits = np.asarray(llm.scores[: len(tokens)])
+    del llm
+    return logits.argmax(axis=1)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("checkout", type=Path)
+    ap.add_argument("--reference-python", type=Path, default=ROOT / ".venv-ref/bin/python")
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    args = ap.parse_args()
+    py = sys.executable
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        ours = tmp / "ours-F16.gguf"
+        t, rss = run_measured([py, "-m", "convert", "to-gguf", str(args.checkout), str(ours)], cwd=ROOT)
+        rows.append(("our converter, F16", f"{t:.1f} s", f"{rss:.0f} MB"))
+        if args.reference_python.is_file():
+            from tinymodel import fetch_reference_converter, fetch_vocab
+            script = fetch_reference_converter(fetch_vocab(ROOT / ".cache/vocab"))
+            ref = tmp / "ref-F16.gguf"
+            t, rss = run_measured([str(args.reference_python), str(script), str(args.checkout), "--outtype", "f16",
+                                   "--outfile", str(ref)], cwd=script.parent)
+            rows.append(("llama.cpp convert_hf_to_gguf.py, F16", f"{t:.1f} s", f"{rss:.0f} MB"))
+            from convert.compare import differences
+            diffs = differences(str(ours), str(ref), include_general=True)
+            rows.append(("F16 files identical (tensors + metadata)", "yes" if not diffs else f"NO: {diffs[:3]}", ""))
+        ours.unlink()
+        t, _ = run_measured([py, "-m", "convert", "all", str(args.checkout), "--out", str(tmp / "models")], cwd=ROOT)
+        rows.append(("python -m convert all (F16 + Q8_0 + Q4_K_M)", f"{t:.1f} s", ""))
+        folder = tmp / "models" / args.checkout.resolve().name
+        files = {q: next(folder.glob(f"*-{q}.gguf")) for q in ("F16", "Q8_0", "Q4_K_M")}
+        for q, f in files.items():
+            rows.append((f"size {q}", f"{f.stat().st_size / 1e6:.0f} MB", ""))
+        agree = {"Q8_0": [], "Q4_K_M": []}
+        for text in TEXTS:
+            base = argmax_positions(files["F16"], text, args.threads)
+            for q in agree:
+                agree[q].append(argmax_positions(files[q], text, args.threads) == base)
+        for q, parts in agree.items():
+            allpos = np.concatenate(parts)
+            per_text = ", ".join(f"{p.mean():.3f}" for p in parts)
+            rows.append((f"top-1 agreement with F16, {q} (teacher-forced, {allpos.size} positions)",
+                         f"{allpos.mean():.3f}", f"zh/en: {per_text}"))
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+               platform.processor())
+    print(f"\nmachine: {cpu}, {os.cpu_count()} cores; threads {args.threads}; checkout {args.checkout}\n")
+    print("| measure | value | note |\n|---|---|---|")
+    for r in rows:
+        print(f"| {r[0]} | {r[1]} | {r[2]} |")
+
+
+if __name__ == "__main__":
+    main()
