@@ -1,0 +1,89 @@
+"""The words of both roles: label sets with their GBNF grammar, sentiment prompt variants, chat prompts.
+
+    >>> from allinone_gguf.prompts import LABEL_SETS, SENTIMENT_GRAMMAR
+    >>> LABEL_SETS["zh"], SENTIMENT_GRAMMAR["zh"]
+    (('正面', '负面'), 'root ::= "正面" | "负面"')
+
+Every sentiment answer is forced by SENTIMENT_GRAMMAR to exactly one label of LABEL_SETS (positive first).
+The few-shot examples were written for this file; none comes from the evaluation sets.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# Label sets: (positive, negative). The grammar beside them is the only thing the sentiment role may output.
+LABEL_SETS: dict[str, tuple[str, str]] = {
+    "zh": ("正面", "负面"),
+    "en": ("Positive", "Negative"),
+}
+SENTIMENT_GRAMMAR: dict[str, str] = {
+    "zh": 'root ::= "正面" | "负面"',
+    "en": 'root ::= "Positive" | "Negative"',
+}
+
+
+@dataclass(frozen=True)
+class SentimentPrompt:
+    """A cold-analyst prompt: a system text per label language, optional worked examples, a user template."""
+
+    system: dict[str, str]                       # label language -> system prompt
+    shots: tuple[tuple[str, int], ...] = ()      # (text, 0 = positive / 1 = negative), sent as earlier turns
+    user: str = "{text}"                         # how the text to judge is put in the user turn
+
+
+_SEED_ZH = ("你是一个冷酷的情感分析师。你的任务是对用户的输入进行情感极性判断。\n"
+            "只能输出两个结果之一:\"正面\" 或 \"负面\"。\n不要解释原因,不要添加标点,不要换行。")
+_SEED_EN = ("你是一个冷酷的情感分析师,只关注文本的情绪倾向。\n请判断以下语句的情感极性,"
+            "输出必须为且仅为 \"Positive\" 或 \"Negative\"。\n不要解释,不要重复,不要添加任何内容。")
+
+_GUIDE_ZH = ("你是一个冷酷的情感分析师。判断用户这段评价或话语的整体情感倾向：满意、称赞、开心、推荐为“正面”；"
+             "不满、抱怨、失望、生气、难过为“负面”。先看整体结论，转折词（但是、可惜、不过）之后的内容更重要。\n"
+             "只能输出两个结果之一：\"正面\" 或 \"负面\"。不要解释原因，不要添加标点，不要换行。")
+_GUIDE_EN = ("你是一个冷酷的情感分析师。判断用户这段评价或话语的整体情感倾向：满意、称赞、开心、推荐为 \"Positive\"；"
+             "不满、抱怨、失望、生气、难过为 \"Negative\"。先看整体结论，转折词（但是、可惜、不过 / but, however）"
+             "之后的内容更重要。\n只能输出两个结果之一：\"Positive\" 或 \"Negative\"。不要解释，不要添加任何内容。")
+
+# Written for this project: short, mixed domains, balanced, two with a turn ("虽然…但是").
+_SHOTS: tuple[tuple[str, int], ...] = (
+    ("味道很正，分量也足，下次还点这家。", 0),
+    ("等了一个半小时才送到，饭菜全凉了。", 1),
+    ("房间干净，前台服务热情，交通也方便。", 0),
+    ("隔音太差，半夜被吵醒好几次，不会再住了。", 1),
+    ("虽然快递慢了两天，但是东西质量很好，物超所值。", 0),
+    ("包装倒是挺精美，可惜用了两天就坏了。", 1),
+    ("这本书深入浅出，读完收获很大。", 0),
+    ("内容空洞，翻了几十页就看不下去了。", 1),
+)
+
+SENTIMENT_PROMPTS: dict[str, SentimentPrompt] = {
+    # The seeds' prompt, zero-shot.
+    "seed": SentimentPrompt(system={"zh": _SEED_ZH, "en": _SEED_EN}),
+    # The seeds' prompt with the seeds' "用户输入:" framing of the text.
+    "seed_framed": SentimentPrompt(system={"zh": _SEED_ZH, "en": _SEED_EN}, user="用户输入：{text}"),
+    # A prompt that says what counts as positive/negative and that the conclusion after a turn matters.
+    "guide": SentimentPrompt(system={"zh": _GUIDE_ZH, "en": _GUIDE_EN}),
+    # The seeds' prompt plus worked examples as earlier turns.
+    "seed_fewshot": SentimentPrompt(system={"zh": _SEED_ZH, "en": _SEED_EN}, shots=_SHOTS),
+    # The guide prompt plus worked examples.
+    "fewshot": SentimentPrompt(system={"zh": _GUIDE_ZH, "en": _GUIDE_EN}, shots=_SHOTS),
+}
+
+# Chat role: the seeds' warm assistant; the detected sentiment reaches the reply as a cue on the user turn.
+CHAT_SYSTEM: dict[str, str] = {
+    "zh": "你是一位善解人意的AI助手，能感知用户情绪并给予温暖回应。",
+    "en": "You are an empathetic AI assistant who senses the user's mood and answers warmly.",
+}
+SENTIMENT_CUE: dict[str, str] = {
+    "zh": "\n\n（检测到“{label}”情绪）",
+    "en": "\n\n(Detected sentiment: {label})",
+}
+
+# Fused mode: one ChatML turn whose first line is the grammar-forced label, then the reply.
+FUSED_SYSTEM: dict[str, str] = {
+    "zh": CHAT_SYSTEM["zh"] + "\n回答格式：第一行只写用户这句话的情感倾向，\"正面\" 或 \"负面\"；从第二行起写给用户的回复。",
+    "en": CHAT_SYSTEM["en"] + "\nAnswer format: the first line is only the sentiment of the user's message, "
+                              "\"Positive\" or \"Negative\"; the reply to the user starts on the second line.",
+}
+
+# Shown between the head and the tail of a text that is too long for its budget.
+ELISION = "……"
