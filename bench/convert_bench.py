@@ -38,6 +38,16 @@ TEXTS = [
     "suggested and the air conditioner made a loud noise all night. Breakfast was good, with fresh fruit and "
     "coffee. I would stay again for a short business trip, though not for a family holiday. Overall, the price "
     "was fair for what you get, and the location made up for most of the small problems we had during our stay.",
+    "周末我和朋友去了城郊的一家农家乐。路不太好走，导航还把我们带错了两次，到的时候已经快中午了。老板很热情，"
+    "端上来的土鸡汤特别香，青菜也是刚从地里摘的。下午我们去后山钓鱼，一条也没钓到，但是风景很美，空气也清新。"
+    "唯一不满意的是房间有点潮，被子有一股霉味，晚上还有蚊子。总的来说还算值得，下次可能会换个季节再来。"
+    "另外提醒一下，那里手机信号很差，想要上网的话最好提前下载好地图和音乐。",
+    "I bought this laptop for university work. The screen is sharp and the keyboard is comfortable for long "
+    "essays, yet the battery barely lasts four hours and the fan gets loud when I open more than a few browser "
+    "tabs. Customer support replied quickly when a key stopped working and sent a replacement within a week. "
+    "For the price it is a reasonable choice, but if you need to work away from a power socket all day, look "
+    "for something with a bigger battery. I also wish the speakers were louder, because watching lectures "
+    "without headphones is difficult in a noisy room.",
 ]
 
 
@@ -101,9 +111,10 @@ def main() -> None:
                 agree[q].append(argmax_positions(files[q], text, args.threads) == base)
         for q, parts in agree.items():
             allpos = np.concatenate(parts)
-            per_text = ", ".join(f"{p.mean():.3f}" for p in parts)
+            zh = np.concatenate(parts[0::2]).mean()
+            en = np.concatenate(parts[1::2]).mean()
             rows.append((f"top-1 agreement with F16, {q} (teacher-forced, {allpos.size} positions)",
-                         f"{allpos.mean():.3f}", f"zh/en: {per_text}"))
+                         f"{allpos.mean():.3f}", f"Chinese {zh:.3f}, English {en:.3f}"))
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
                platform.processor())
     print(f"\nmachine: {cpu}, {os.cpu_count()} cores; threads {args.threads}; checkout {args.checkout}\n")

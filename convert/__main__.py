@@ -25,16 +25,17 @@ _bars: list[tqdm] = []
 
 
 def tqdm_bar(desc: str, total: int = 0, unit: str = "B"):
-    """A progress callback update(done, total) drawing one tqdm bar on stderr."""
-    bar = tqdm(desc=desc, total=total or None, unit=unit, unit_scale=unit == "B", file=sys.stderr, leave=True)
-    _bars.append(bar)
+    """A progress callback update(done, total) drawing one tqdm bar on stderr, from its first update on
+    (so a step that fails before any progress prints nothing but its error)."""
+    bar: list[tqdm] = []
 
     def update(done: int, total: int) -> None:
-        if bar.total != total:
-            bar.total = total
-        bar.update(done - bar.n)
+        if not bar:
+            bar.append(tqdm(desc=desc, total=total, unit=unit, unit_scale=unit == "B", file=sys.stderr))
+            _bars.append(bar[0])
+        bar[0].update(done - bar[0].n)
         if done >= total:
-            bar.close()
+            bar[0].close()
     return update
 
 
