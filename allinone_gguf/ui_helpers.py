@@ -1,0 +1,146 @@
+"""Pure helpers for the Gradio app (app.py): badge text, chat <-> history, mood chart data, model list.
+
+Nothing here imports gradio or touches a model, so it is tested without a browser:
+
+    >>> from allinone_gguf.ui_helpers import badge
+    >>> badge("正面", 0.93, negative=False)
+    '😄 LLM 情感判断: 正面 (置信度 93%)'
+"""
+from __future__ import annotations
+
+import dataclasses
+import html
+import ipaddress
+import re
+from pathlib import Path
+from typing import Any, Iterable
+
+DEFAULT_MODEL = Path("models/Qwen1.5-0.5B-Chat/Qwen1.5-0.5B-Chat-Q4_K_M.gguf")
+
+
+@dataclasses.dataclass(frozen=True)
+class AppSettings:
+    """Defaults of the app itself; the model's knobs (temperature, max_tokens, labels) live in Settings."""
+
+    model: Path = dataclasses.field(default=DEFAULT_MODEL, metadata={"help": "GGUF file loaded at start"})
+    models_dir: Path = dataclasses.field(
+        default=Path("models"), metadata={"help": "folder whose *.gguf files the model menu offers"}
+    )
+    host: str = dataclasses.field(
+        default="127.0.0.1", metadata={"help": "address to bind; anything but loopback exposes an app with no login"}
+    )
+    port: int = dataclasses.field(default=7860, metadata={"help": "TCP port"})
+    temperature_range: tuple[float, float] = (0.0, 1.5)  # slider bounds; the default comes from Settings
+    max_tokens_range: tuple[int, int] = (16, 512)  # slider bounds, in new tokens
+
+
+# Badge wording per label language; the Chinese form is the seeds' `😄 LLM 情感判断: 正面`.
+BADGE_WORDS = {"zh": ("LLM 情感判断", "置信度"), "en": ("LLM sentiment", "confidence")}
+BADGE_EMOJI = {False: "😄", True: "😢"}  # keyed by "is negative"
+# The first line of an assistant message when it starts with a badge (either language).
+BADGE_RE = re.compile(r"^(😄|😢) LLM (情感判断|sentiment): [^\n]*(\n\n?|$)")
+LANGUAGE_CHOICES = [("中文", "zh"), ("English", "en")]
+MOOD_COLORS = {True: "#2e9d57", False: "#d64545"}  # keyed by "mood >= 0"
+
+
+def badge(label: str, confidence: float, negative: bool, lang: str = "zh") -> str:
+    """`😄 LLM 情感判断: 正面 (置信度 93%)`; lang "en" gives `... LLM sentiment: Positive (confidence 93%)`."""
+    head, conf = BADGE_WORDS.get(lang, BADGE_WORDS["zh"])
+    return f"{BADGE_EMOJI[bool(negative)]} {head}: {label} ({conf} {confidence:.0%})"
+
+
+def assistant_text(badge_line: str, reply: str) -> str:
+    """What the chat shows for one assistant turn: the badge, a blank line, the (partial) reply."""
+    return f"{badge_line}\n\n{reply}" if reply else badge_line
+
+
+def content_text(content: Any) -> str:
+    """Plain text of one chat message's content, whether a str or Gradio 6's [{"type": "text", "text": ...}]."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, dict):
+        return content.get("text", "") if content.get("type", "text") == "text" else ""
+    if isinstance(content, (list, tuple)):
+        return "".join(content_text(part) for part in content)
+    return ""
+
+
+def history_from_chat(messages: Iterable[dict] | None) -> list[dict]:
+    """Runtime history (role/content strings, oldest first) from the chat as displayed.
+
+    Badges are display only, so they are removed from assistant turns; turns left empty (a reply stopped
+    before its first piece) are dropped; system messages and other roles are ignored.
+    """
+    history = []
+    for message in messages or []:
+        role = message.get("role")
+        text = content_text(message.get("content"))
+        if role == "assistant":
+            text = BADGE_RE.sub("", text, count=1)
+        if role in ("user", "assistant") and text.strip():
+            history.append({"role": role, "content": text})
+    return history
+
+
+def mood_point(turn: int, label: str, probs: dict[str, float], positive: str) -> dict:
+    """One row of the mood chart: mood = P(positive) - P(negative), in [-1, 1]; above 0 reads as positive."""
+    p_pos = float(probs.get(positive, 0.0))
+    return {"turn": int(turn), "mood": round(2.0 * p_pos - 1.0, 4), "label": label}
+
+
+def mood_svg(points: Iterable[dict], width: int = 360, height: int = 150, last: int = 24) -> str:
+    """A small self-contained SVG bar chart of the last `last` turns' mood (needs no script and no network).
+
+    Bars grow up (green) for positive turns and down (red) for negative ones; each bar carries
+    class="mood-bar", data-turn and data-label, and a tooltip with the numbers.
+    """
+    points = list(points)[-last:]
+    mid, half, left, step = height / 2, height / 2 - 18, 28, (width - 36) / max(len(points), 1)
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" class="mood-chart" width="{width}" height="{height}" '
+             f'viewBox="0 0 {width} {height}" role="img" aria-label="mood per turn">',
+             f'<line x1="{left}" y1="{mid}" x2="{width - 4}" y2="{mid}" stroke="#999" stroke-width="1"/>',
+             f'<text x="2" y="{mid - half + 4}" font-size="10" fill="#666">+1</text>',
+             f'<text x="8" y="{mid + 4}" font-size="10" fill="#666">0</text>',
+             f'<text x="2" y="{mid + half + 4}" font-size="10" fill="#666">−1</text>']
+    if not points:
+        parts.append(f'<text x="{width / 2}" y="{mid - 8}" font-size="12" fill="#888" text-anchor="middle">'
+                     "no turns yet / 还没有对话</text>")
+    for i, p in enumerate(points):
+        mood = max(-1.0, min(1.0, float(p["mood"])))
+        x, h = left + i * step + step * 0.15, max(abs(mood) * half, 1.0)
+        y, color = (mid - h, MOOD_COLORS[True]) if mood >= 0 else (mid, MOOD_COLORS[False])
+        label = html.escape(str(p["label"]))
+        parts.append(f'<rect class="mood-bar" data-turn="{p["turn"]}" data-label="{label}" x="{x:.1f}" y="{y:.1f}" '
+                     f'width="{step * 0.7:.1f}" height="{h:.1f}" fill="{color}"><title>turn {p["turn"]}: {label} '
+                     f'(mood {mood:+.2f})</title></rect>')
+        if len(points) <= 12 or i % 2 == 0:
+            parts.append(f'<text x="{x + step * 0.35:.1f}" y="{height - 2}" font-size="10" fill="#666" '
+                         f'text-anchor="middle">{p["turn"]}</text>')
+    return "".join(parts) + "</svg>"
+
+
+def list_models(models_dir: Path, extra: Iterable[Path] = ()) -> list[tuple[str, str]]:
+    """(shown name, absolute path) for every *.gguf under models_dir, sorted, plus the `extra` files given."""
+    root = Path(models_dir).resolve()
+    found = sorted(root.rglob("*.gguf")) if root.is_dir() else []
+    for path in extra:
+        path = Path(path).resolve()
+        if path.is_file() and path not in found:
+            found.append(path)
+    return [(model_name(path, root), str(path)) for path in found]
+
+
+def model_name(path: Path, models_dir: Path) -> str:
+    """Path relative to the models folder when inside it, else the file name."""
+    path, root = Path(path).resolve(), Path(models_dir).resolve()
+    return str(path.relative_to(root)) if path.is_relative_to(root) else path.name
+
+
+def is_loopback(host: str) -> bool:
+    """True for 127.0.0.0/8, ::1 and `localhost`, the only hosts the app binds to without a warning."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

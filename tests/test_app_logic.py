@@ -1,0 +1,130 @@
+"""app.py's wiring against a fake runtime: model switching loads once, a turn streams, Stop closes the stream."""
+from dataclasses import dataclass, field
+
+import gradio as gr
+import pytest
+
+import app
+from allinone_gguf.ui_helpers import BADGE_RE, badge
+
+
+@dataclass
+class FakeSentiment:
+    label: str
+    confidence: float
+    probs: dict
+    is_negative: bool
+
+
+@dataclass
+class FakeBot:
+    """Records loads, calls and closes; stream_reply yields `pieces` and notes when it was closed."""
+    model_path: object
+    settings: object = None
+    pieces: tuple = ("你", "好", "呀", "！")
+    calls: list = field(default_factory=list)
+    closed: bool = False
+    stream_closed: bool = False
+    loads = []
+
+    def __post_init__(self):
+        FakeBot.loads.append(str(self.model_path))
+
+    def label_set(self, labels=None):
+        return ("Positive", "Negative") if labels == "en" else ("正面", "负面")
+
+    def classify(self, text, labels=None):
+        if not text.strip():
+            raise ValueError("text is empty")
+        pos, neg = self.label_set(labels)
+        return FakeSentiment(neg, 0.75, {pos: 0.25, neg: 0.75}, True)
+
+    def stream_reply(self, text, history=None, sentiment=None, temperature=None, max_tokens=None, seed=None):
+        self.calls.append(dict(text=text, history=history, temperature=temperature, max_tokens=max_tokens))
+        try:
+            yield from self.pieces
+        finally:
+            self.stream_closed = True
+
+    def close(self):
+        self.closed = True
+
+
+@pytest.fixture
+def models(tmp_path, monkeypatch):
+    monkeypatch.setattr(app, "AllInOne", FakeBot)
+    FakeBot.loads = []
+    (tmp_path / "m").mkdir()
+    paths = {q: tmp_path / "m" / f"tiny-{q}.gguf" for q in ("Q4_K_M", "Q8_0")}
+    for p in paths.values():
+        p.write_bytes(b"")
+    return paths
+
+
+def test_switch_loads_once_and_closes_the_old_model(models, tmp_path):
+    slot = app.ModelSlot(models["Q4_K_M"], tmp_path / "m", settings=None)
+    first = slot.bot
+    assert slot.switch(str(models["Q4_K_M"])) is False  # already loaded: no reload
+    assert slot.switch(str(models["Q8_0"])) is True
+    assert first.closed and not slot.bot.closed
+    assert slot.switch(str(models["Q8_0"])) is False
+    assert FakeBot.loads == [str(models["Q4_K_M"]), str(models["Q8_0"])]
+    assert "tiny-Q8_0.gguf" in slot.status()
+
+
+def test_switch_refuses_files_outside_the_models_folder(models, tmp_path):
+    slot = app.ModelSlot(models["Q4_K_M"], tmp_path / "m", settings=None)
+    stray = tmp_path / "stray.gguf"
+    stray.write_bytes(b"")
+    with pytest.raises(ValueError, match="not a model under"):
+        slot.switch(str(stray))
+    assert len(FakeBot.loads) == 1
+
+
+def test_a_turn_shows_the_badge_first_then_streams_with_clean_history(models, tmp_path, monkeypatch):
+    monkeypatch.setattr(app, "REFRESH_S", 0.0)  # one chat update per piece
+    slot = app.ModelSlot(models["Q4_K_M"], tmp_path / "m", settings=None)
+    earlier = [{"role": "user", "content": [{"type": "text", "text": "早上好"}]},
+               {"role": "assistant", "content": badge("正面", 0.9, False) + "\n\n早！"}]
+    chat = earlier + [{"role": "user", "content": "考试没过"}]
+    steps = list(app.answer(slot, chat, [], "zh", 0.5, 64.0))
+    first_chat, mood, svg, status = steps[0]
+    assert first_chat[-1] == {"role": "assistant", "content": "😢 LLM 情感判断: 负面 (置信度 75%)"}
+    assert mood == [{"turn": 1, "mood": -0.5, "label": "负面"}] and 'data-label="负面"' in svg
+    assert status == app.REPLYING
+    streamed = [s[0][-1]["content"] for s in steps[1:]]
+    assert [BADGE_RE.sub("", text) for text in streamed] == ["你", "你好", "你好呀", "你好呀！", "你好呀！"]
+    assert steps[-1][3] == app.DONE and all(s[3] is not app.DONE for s in steps[:-1])
+    call = slot.bot.calls[0]
+    assert call["text"] == "考试没过" and call["max_tokens"] == 64 and isinstance(call["max_tokens"], int)
+    assert call["history"] == [{"role": "user", "content": "早上好"}, {"role": "assistant", "content": "早！"}]
+
+
+def test_chat_updates_are_throttled_but_the_first_piece_and_the_end_always_show(models, tmp_path, monkeypatch):
+    monkeypatch.setattr(app, "REFRESH_S", 3600.0)
+    slot = app.ModelSlot(models["Q4_K_M"], tmp_path / "m", settings=None)
+    steps = list(app.answer(slot, [{"role": "user", "content": "hi"}], [], "zh", 0.7, 32))
+    assert [BADGE_RE.sub("", s[0][-1]["content"]) for s in steps[1:]] == ["你", "你好呀！"]
+
+
+def test_stop_closes_the_runtime_stream(models, tmp_path):
+    """Gradio's cancel calls close() on the turn's generator; the model's stream must be closed with it."""
+    slot = app.ModelSlot(models["Q4_K_M"], tmp_path / "m", settings=None)
+    turn = app.answer(slot, [{"role": "user", "content": "hi"}], [], "en", 0.7, 32)
+    next(turn), next(turn)  # badge, first piece
+    assert not slot.bot.stream_closed
+    turn.close()
+    assert slot.bot.stream_closed
+
+
+def test_empty_messages_are_refused_before_the_queue():
+    with pytest.raises(gr.Error):
+        app.add_user("   ", [])
+    assert app.add_user(" hi ", []) == ("", [{"role": "user", "content": "hi"}], app.WAITING)
+
+
+def test_cli_defaults_come_from_the_settings_dataclasses():
+    args = app.parse_args([])
+    ui = app.AppSettings()
+    assert (args.model, args.models_dir, args.host, args.port) == (ui.model, ui.models_dir, ui.host, ui.port)
+    assert args.n_threads == app.Settings().n_threads

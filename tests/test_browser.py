@@ -1,0 +1,224 @@
+"""The app in a real browser (Debian's chromium through Playwright) against `python app.py` on the tiny model.
+
+Every request the pages make is recorded; anything that leaves 127.0.0.1 fails the test (and is blocked).
+Screenshots go to tests/artifacts/.
+
+    .venv/bin/python -m pytest tests/test_browser.py
+"""
+import re
+import time
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+
+from app_server import ROOT, running_app
+
+pytestmark = pytest.mark.browser
+CHROMIUM = Path("/usr/bin/chromium")
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+        "--disable-sync", "--no-first-run"]
+ARTIFACTS = ROOT / "tests" / "artifacts"
+BADGE = re.compile(r"^(😄|😢) LLM 情感判断: (正面|负面) \(置信度 (\d+)%\)")
+LOCAL_SCHEMES = {"data", "blob", "about"}
+SESSIONS = 8
+# Records, in the page, every text the last bot message and the turn status go through.
+WATCH = """() => {
+  window.__texts = []; window.__status = [];
+  const note = () => {
+    const bots = document.querySelectorAll('#chat [data-testid="bot"]');
+    const t = bots.length ? bots[bots.length - 1].innerText : '';
+    if (window.__texts[window.__texts.length - 1] !== t) window.__texts.push(t);
+    const s = document.querySelector('#turn-status').innerText;
+    if (window.__status[window.__status.length - 1] !== s) window.__status.push(s);
+  };
+  new MutationObserver(note).observe(document.body, {subtree: true, childList: true, characterData: true});
+}"""
+
+
+@pytest.fixture(scope="module")
+def server(tiny_models):
+    with running_app(tiny_models["Q4_K_M"], tiny_models["Q4_K_M"].parent, "--n-threads", "1") as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not CHROMIUM.is_file():
+        pytest.fail(f"{CHROMIUM} not found: apt-get install chromium fonts-noto-cjk (or deselect: -m 'not browser')")
+    from playwright.sync_api import sync_playwright
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def open_page(browser, server):
+    """open_page() -> a fresh session (own browser context) on the app; no request may leave 127.0.0.1."""
+    contexts, outside = [], []
+
+    def route(r):
+        url = urlsplit(r.request.url)
+        if url.scheme in LOCAL_SCHEMES or url.hostname == "127.0.0.1":
+            r.continue_()
+        else:
+            outside.append(r.request.url)
+            r.abort()
+
+    def open_page():
+        context = browser.new_context(viewport={"width": 1280, "height": 900}, locale="zh-CN")
+        context.route("**/*", route)
+        context.on("websocket", lambda ws: outside.append(ws.url) if urlsplit(ws.url).hostname != "127.0.0.1"
+                   else None)
+        contexts.append(context)
+        page = context.new_page()
+        page.goto(server.url)
+        page.wait_for_selector("#message textarea")
+        page.evaluate(WATCH)
+        return page
+
+    yield open_page
+    for context in contexts:
+        context.close()
+    assert not outside, f"requests left 127.0.0.1: {outside}"
+    assert server.alive(), server.output()
+
+
+def send(page, text):
+    """Type and press Enter; the in-page records start afresh for this turn."""
+    page.evaluate("window.__texts = []; window.__status = []")
+    page.fill("#message textarea", text)
+    page.press("#message textarea", "Enter")
+
+
+def last_bot_text(page) -> str:
+    return page.locator('#chat [data-testid="bot"]').last.inner_text()
+
+
+def wait_status(page, status, timeout=120_000):
+    """Until the turn status has shown `status` after `waiting` since the last send()."""
+    page.wait_for_function("s => { const i = window.__status.findIndex(x => x.includes('waiting'));"
+                           " return i >= 0 && window.__status.slice(i).some(x => x.includes(s)); }",
+                           arg=status, timeout=timeout)
+
+
+def wait_until(condition, message, timeout=60.0):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, message
+        time.sleep(0.1)
+
+
+def wait_stable(read, quiet=1.5, timeout=60.0):
+    """read() once it has not changed for `quiet` seconds (updates already on the wire may still land)."""
+    value, since, deadline = read(), time.monotonic(), time.monotonic() + timeout
+    while time.monotonic() - since < quiet:
+        assert time.monotonic() < deadline, "still changing"
+        time.sleep(0.1)
+        new = read()
+        if new != value:
+            value, since = new, time.monotonic()
+    return value
+
+
+def shot(page, name):
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / name), full_page=True)
+
+
+def check_badge(text) -> str:
+    m = BADGE.match(text)
+    assert m, f"no badge at the start of {text!r}"
+    emoji, label, percent = m.groups()
+    assert emoji == ("😢" if label == "负面" else "😄") and 0 <= int(percent) <= 100
+    return label
+
+
+def test_a_turn_shows_the_badge_then_streams_the_reply_to_the_end(open_page):
+    page = open_page()
+    send(page, "今天的实验终于成功了，太棒了！")
+    wait_status(page, "done")
+    texts = page.evaluate("window.__texts").copy()
+    final = last_bot_text(page)
+    label = check_badge(final)
+    reply = BADGE.sub("", final).strip()
+    assert reply, "no reply after the badge"
+    seen = [t for t in texts if t]
+    assert BADGE.match(seen[0]) and not BADGE.sub("", seen[0]).strip(), "the badge did not come first, alone"
+    assert len(seen) >= 3, f"the reply did not stream (texts seen: {len(seen)})"
+    assert page.evaluate("window.__status")[-1].endswith("done")
+    assert page.locator('#chat [data-testid="user"]').all_inner_texts() == ["今天的实验终于成功了，太棒了！"]
+    bars = page.locator("#mood .mood-bar")
+    assert bars.count() == 1 and bars.first.get_attribute("data-label") == label
+    shot(page, "browser-turn.png")
+
+    send(page, "可是明天还要继续加班，好累")  # a second turn: history kept, a second mood bar
+    wait_status(page, "done")
+    check_badge(last_bot_text(page))
+    assert page.locator('#chat [data-testid="bot"]').count() == 2 and bars.count() == 2
+    page.click("#clear")
+    page.wait_for_function("() => !document.querySelector('#chat [data-testid=\"bot\"]')")
+    assert bars.count() == 0
+
+
+def test_stop_ends_the_reply_and_the_model_is_free_again(open_page, server):
+    page = open_page()
+    page.fill("#max-tokens input[type=number]", "512")
+    page.press("#max-tokens input[type=number]", "Enter")
+    stops_before = server.output().count("reply stopped after")
+    send(page, "给我讲一个很长很长的故事")
+    page.wait_for_function("() => window.__texts.some(t => t.includes('%)\\n') && t.split('%)')[1].trim())")
+    page.click("#stop")
+    wait_status(page, "stopped")
+    wait_until(lambda: server.output().count("reply stopped after") > stops_before, "the server never stopped")
+    stopped = wait_stable(lambda: last_bot_text(page))
+    check_badge(stopped)
+    assert not any(s.endswith("done") for s in page.evaluate("window.__status")), "reply finished before Stop"
+    shot(page, "browser-stop.png")
+
+    send(page, "那就下次再讲吧")  # the stopped stream must have released the model
+    wait_status(page, "done")
+    check_badge(last_bot_text(page))
+    assert page.locator('#chat [data-testid="bot"]').count() == 2
+
+
+def test_switching_the_model_reloads_once(open_page, server, tiny_models):
+    page = open_page()
+    target = tiny_models["Q8_0"].name
+    loads_before = sum(line.startswith("loaded ") for line in server.output().splitlines())
+    page.click("#model input")
+    page.get_by_role("option", name=re.compile(re.escape(target))).click()
+    page.wait_for_function("n => document.querySelector('#model-status').innerText.includes(n)", arg=target,
+                           timeout=120_000)
+    send(page, "换了模型还能用吗？")
+    wait_status(page, "done")
+    check_badge(last_bot_text(page))
+    shot(page, "browser-switch.png")
+    loads = [line for line in server.output().splitlines() if line.startswith("loaded ")]
+    assert len(loads) == loads_before + 1 and loads[-1].endswith(target)
+    # another session opened now sees the model that is loaded
+    other = open_page()
+    assert target in other.inner_text("#model-status")
+    assert target in other.input_value("#model input")
+
+
+def test_eight_sessions_at_once_each_get_their_own_turn(open_page, server):
+    pages = [open_page() for _ in range(SESSIONS)]
+    for page in pages:
+        page.fill("#max-tokens input[type=number]", "24")
+        page.press("#max-tokens input[type=number]", "Enter")
+    texts = [f"会话{i}：今天{topic}" for i, topic in enumerate(
+        ["很顺利", "好糟糕", "有点累", "中了奖", "被批评了", "吃到好吃的", "迟到了", "见到老朋友"])]
+    for page, text in zip(pages, texts):
+        send(page, text)
+    for page, text in zip(pages, texts):
+        wait_status(page, "done", timeout=600_000)
+        assert page.locator('#chat [data-testid="user"]').all_inner_texts() == [text]
+        bots = page.locator('#chat [data-testid="bot"]')
+        assert bots.count() == 1
+        check_badge(bots.first.inner_text())
+        assert BADGE.sub("", bots.first.inner_text()).strip()
+    shot(pages[0], "browser-sessions.png")
+    assert server.alive()
+
