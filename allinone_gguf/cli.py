@@ -1,0 +1,406 @@
+"""Command line: classify whole files for triage and moderation, and chat in the terminal.
+
+    python -m allinone_gguf classify reviews.csv -o scored.csv --gold label     # accuracy at the end
+    python -m allinone_gguf classify messages.txt -o triage.csv --sort priority # negatives first
+    cat messages.jsonl | python -m allinone_gguf classify - --field body > scored.jsonl
+    python -m allinone_gguf chat --model models/Qwen1.5-0.5B-Chat/Qwen1.5-0.5B-Chat-Q4_K_M.gguf
+
+Flag defaults come from `Settings` (allinone_gguf/config.py) and the app's default model path.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import os
+import signal
+import sys
+import threading
+import time
+import typing
+from pathlib import Path
+
+from .config import LABEL_LANGUAGES, Settings
+from .metrics import NEGATIVE, normalise_gold, score
+from .rowio import (OUTPUT_COLUMNS, RowWriter, count_done, detect_format, open_text, output_header,
+                    read_records, read_rows)
+from .ui_helpers import DEFAULT_MODEL, badge
+
+# Settings fields each command exposes as flags (the sentiment role needs no sampling knobs).
+CLASSIFY_SETTINGS = ("n_threads", "n_ctx", "labels", "sentiment_prompt", "sentiment_tokens", "sentiment_bias")
+CHAT_SETTINGS = ("n_threads", "n_ctx", "labels", "temperature", "top_p", "top_k", "repeat_penalty",
+                 "max_tokens", "seed", "sentiment_prompt")
+
+
+def _choices(name: str) -> list[str] | None:
+    if name == "labels":
+        return list(LABEL_LANGUAGES)
+    if name == "sentiment_prompt":
+        from .prompts import SENTIMENT_PROMPTS
+        return sorted(SENTIMENT_PROMPTS)
+    return None
+
+
+def add_dataclass_arguments(parser: argparse.ArgumentParser, cls, names: typing.Iterable[str], title: str,
+                            choices=_choices) -> None:
+    """One `--flag-name` per field of the frozen dataclass `cls`, typed, with the field's help and default.
+
+    The argparse default stays None, so only the flags a user gives override the dataclass.
+    """
+    defaults, hints = cls(), typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    group = parser.add_argument_group(title)
+    for name in names:
+        if name not in fields:  # a field the runtime dropped: nothing to expose
+            continue
+        kind = next((a for a in typing.get_args(hints[name]) if a is not type(None)), hints[name])
+        default = getattr(defaults, name)
+        group.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, choices=choices(name),
+                           default=None, metavar=None if choices(name) else name.upper(),
+                           help=f"{fields[name].metadata.get('help', '')} "
+                                f"(default: {'random' if default is None and name == 'seed' else default})")
+
+
+def add_settings_arguments(parser: argparse.ArgumentParser, names: typing.Iterable[str]) -> None:
+    """Flags for some fields of the runtime's Settings."""
+    add_dataclass_arguments(parser, Settings, names, "model settings (defaults from allinone_gguf.config.Settings)")
+
+
+def settings_overrides(args: argparse.Namespace, names: typing.Iterable[str]) -> dict:
+    return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+
+
+def add_model_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", "-m", type=Path, default=DEFAULT_MODEL,
+                        help=f"GGUF model file (default: {DEFAULT_MODEL}, made by `make models`)")
+
+
+def load_bot(path: Path, overrides: dict):
+    """(AllInOne, seconds to load); the model's own error message when it cannot be loaded."""
+    from . import AllInOne  # late: `--help` should not wait for llama.cpp
+    start = time.perf_counter()
+    bot = AllInOne(path, **overrides)
+    return bot, time.perf_counter() - start
+
+
+class UserError(Exception):
+    """A mistake in the command line or the input; printed as one line, exit status 2."""
+
+
+# ---------------------------------------------------------------------------------------------- classify
+
+def add_classify_parser(sub) -> None:
+    p = sub.add_parser(
+        "classify", help="label every text of a CSV / JSONL / text file with 正面/负面 and a confidence",
+        description="Label every text of a file and write every input row plus `sentiment`, `confidence` and "
+                    "`error` columns, one row at a time (an interrupted run loses nothing; --resume continues "
+                    "it). Bad rows (empty text, broken UTF-8, wrong number of CSV fields) are reported with "
+                    "their line numbers and written with `error` set; the run goes on.")
+    p.add_argument("input", help="CSV/TSV (header line first), JSONL, or plain text one message per line; "
+                                 "`-` reads stdin")
+    p.add_argument("-o", "--output", default="-",
+                   help="output file; .jsonl/.json gives JSONL, anything else CSV (default: stdout, in the "
+                        "input's format)")
+    p.add_argument("--format", choices=["auto", "csv", "tsv", "jsonl", "txt"], default="auto",
+                   help="input format (default: from the extension, or sniffed from the first line of stdin)")
+    p.add_argument("--column", "--field", dest="column", default="text",
+                   help="CSV column / JSONL field holding the text (default: text)")
+    p.add_argument("--gold", metavar="COLUMN",
+                   help="column / field with the true label (1/0, 正面/负面, positive/negative): print "
+                        "accuracy, per-class recall and a confusion table at the end")
+    p.add_argument("--sort", choices=["input", "priority"], default="input",
+                   help="output order: input (default), or priority = negatives first, most confident first "
+                        "(then the least confident positives; rows with errors last). Rows are still written "
+                        "one by one to OUTPUT.part and sorted into OUTPUT at the end")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run: keep OUTPUT's rows and classify only the rest")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing OUTPUT")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    add_model_argument(p)
+    add_settings_arguments(p, CLASSIFY_SETTINGS)
+    p.set_defaults(func=run_classify)
+
+
+def _peek(stream) -> tuple[str, typing.Iterator[str]]:
+    first = stream.readline()
+    return first, itertools.chain([first] if first else [], stream)
+
+
+def _open_input(args) -> tuple[str, list[str] | None, typing.Iterator]:
+    """(format, CSV header, records) of args.input."""
+    try:
+        stream = open_text(args.input)
+    except OSError as exc:
+        raise UserError(f"{args.input}: cannot read ({exc.strerror})") from None
+    first, lines = _peek(stream)
+    fmt = detect_format(args.input, first, args.column) if args.format == "auto" else args.format
+    try:
+        header, records = read_records(lines, fmt, args.column, args.gold)
+    except ValueError as exc:
+        raise UserError(f"{args.input}: {exc}") from None
+    return fmt, header, records
+
+
+def _count_records(args, fmt: str) -> int | None:
+    if args.input == "-":
+        return None
+    with open_text(args.input) as f:
+        return sum(1 for _ in read_records(f, fmt, args.column, args.gold)[1])
+
+
+def priority_key(row: dict) -> tuple[int, float]:
+    """Sort key for --sort priority: P(negative) descending; rows without a label last."""
+    try:
+        confidence = float(row["confidence"])
+        negative = normalise_gold(row["sentiment"]) == NEGATIVE
+    except (KeyError, TypeError, ValueError):
+        return (1, 0.0)
+    return (0, -(confidence if negative else 1.0 - confidence))
+
+
+def gold_summary(rows: list[dict], gold: str) -> tuple[object, int, int]:
+    """(Score over the rows with a label and a readable gold value, rows with errors, unreadable gold values)."""
+    golds, preds, errors, unreadable = [], [], 0, 0
+    for row in rows:
+        if row.get("error") or not row.get("sentiment"):
+            errors += 1
+            continue
+        try:
+            g = normalise_gold(row.get(gold))
+        except ValueError:
+            unreadable += 1
+            continue
+        try:
+            p = normalise_gold(row["sentiment"])
+        except ValueError:
+            p = str(row["sentiment"])  # counted as invalid by score()
+        golds.append(g)
+        preds.append(p)
+    return score(golds, preds), errors, unreadable
+
+
+def _print_gold(rows: list[dict], gold: str, say) -> None:
+    s, errors, unreadable = gold_summary(rows, gold)
+    if not s.n:
+        say(f"--gold {gold}: no row had both a readable gold label and a prediction")
+        return
+    skipped = "".join([f", {errors} rows with errors not scored" if errors else "",
+                       f", {unreadable} unreadable gold values skipped" if unreadable else ""])
+    say(f"accuracy {s.accuracy:.1%} on {s.n} rows{skipped}")
+    say("recall   " + "  ".join(f"{label} {r:.1%}" if r == r else f"{label} – (no gold rows)"
+                                for label, r in s.recall.items())
+        + f"  invalid outputs {s.invalid}")
+    say(s.table())
+
+
+def _write_all(path: str, fmt: str, header, rows: list[dict]) -> None:
+    """Write rows to path atomically (a temporary file renamed over it), or to stdout."""
+    tmp = path if path == "-" else path + ".tmp"
+    if tmp != "-" and os.path.exists(tmp):
+        os.remove(tmp)
+    writer = RowWriter(tmp, fmt, header)
+    for row in rows:
+        writer.write(row)
+    writer.close()
+    if tmp != path:
+        os.replace(tmp, path)
+
+
+def run_classify(args) -> int:
+    out = args.output
+    out_fmt_ext = detect_format(out) if out != "-" else None
+    if args.resume and out == "-":
+        raise UserError("--resume needs an output file (-o OUTPUT)")
+    work = out + ".part" if (args.sort == "priority" and out != "-") else out
+    if out != "-" and not args.resume and not args.overwrite and (Path(out).exists() or Path(work).exists()):
+        raise UserError(f"{out} exists; --resume continues it, --overwrite replaces it")
+    if args.input != "-" and out != "-" and Path(args.input).resolve() == Path(out).resolve():
+        raise UserError("the output file must not be the input file")
+    in_fmt, header, records = _open_input(args)
+    out_fmt = "jsonl" if (out_fmt_ext == "jsonl" or (out == "-" and in_fmt == "jsonl")) else "csv"
+    if in_fmt == "jsonl" and out_fmt == "csv":
+        raise UserError("JSONL input is written as JSONL: name the output *.jsonl")
+    columns = output_header(header, args.column) if out_fmt == "csv" else None
+    say = (lambda *a: print(*a, file=sys.stderr)) if out == "-" else print
+
+    if args.overwrite:
+        for path in {out, work}:
+            if path != "-" and os.path.exists(path):
+                os.remove(path)
+    done = 0
+    if args.resume:
+        if work != out and not Path(work).exists() and Path(out).exists():
+            os.replace(out, work)  # an earlier unsorted or finished run: continue from it
+        try:
+            done = count_done(work, out_fmt, columns)
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
+    total = _count_records(args, in_fmt)
+
+    from . import ModelLoadError
+    try:
+        bot, load_s = load_bot(args.model, settings_overrides(args, CLASSIFY_SETTINGS))
+    except (ModelLoadError, ValueError, TypeError) as exc:
+        raise UserError(str(exc)) from None
+
+    from tqdm import tqdm
+    kept = [] if out == "-" and args.sort == "priority" else None  # stdout + sort: rows wait in memory
+    writer = RowWriter(work, out_fmt, columns) if kept is None else None
+    seen = [] if out == "-" and args.gold else None                # stdout + gold: scored from memory
+    bar = tqdm(total=total, initial=done, unit="text", file=sys.stderr, disable=args.quiet,
+               desc="classify", dynamic_ncols=True, mininterval=0.5)
+    classified, bad, start = 0, [], time.perf_counter()
+    try:
+        for rec in itertools.islice(records, done, None):
+            row = dict(rec.fields)
+            if rec.error is None:
+                try:
+                    s = bot.classify(rec.text)
+                except (ValueError, RuntimeError) as exc:
+                    rec.error = f"line {rec.line}: {exc}"
+                else:
+                    row.update(sentiment=s.label, confidence=round(s.confidence, 4), error=None)
+                    classified += 1
+            if rec.error is not None:
+                row.update(sentiment=None, confidence=None, error=rec.error)
+                bad.append(rec.line)
+                bar.write(f"{args.input}: {rec.error}", file=sys.stderr)
+            (kept.append(row) if kept is not None else writer.write(row))
+            if seen is not None:
+                seen.append(row)
+            bar.update()
+    except KeyboardInterrupt:
+        bar.close()
+        if writer:
+            writer.close()
+        where = f"; they are in {work}, rerun with --resume to continue" if out != "-" else ""
+        print(f"interrupted after {bar.n} rows{where}", file=sys.stderr)
+        return 130
+    finally:
+        bot.close()
+    bar.close()
+    seconds = time.perf_counter() - start
+    if writer:
+        writer.close()
+    else:
+        _write_all("-", out_fmt, columns, sorted(kept, key=priority_key))
+    rows = seen if seen is not None else (read_rows(work, out_fmt) if (args.gold or work != out) else [])
+    if work != out:
+        _write_all(out, out_fmt, columns, sorted(rows, key=priority_key))
+        os.remove(work)
+    rate = f"{classified / seconds:.1f} texts/s" if seconds > 0 and classified else "no texts classified"
+    say(f"classified {classified} texts in {seconds:.1f} s ({rate}; model loaded in {load_s:.1f} s)"
+        + (f"; {done} rows kept from the earlier run" if done else ""))
+    if bad:
+        lines = ", ".join(map(str, bad[:20])) + (", ..." if len(bad) > 20 else "")
+        say(f"{len(bad)} bad row{'s' * (len(bad) > 1)} written with an error field (input lines {lines})")
+    if args.gold:
+        _print_gold(rows, args.gold, say)
+    return 0
+
+
+# -------------------------------------------------------------------------------------------------- chat
+
+CHAT_HELP = "Ctrl-C stops a reply, /reset forgets the conversation, /exit or Ctrl-D leaves."
+
+
+def add_chat_parser(sub) -> None:
+    p = sub.add_parser("chat", help="terminal chat: a sentiment badge, then the streamed reply",
+                       description="Chat in the terminal as in the app: each message gets the sentiment badge, "
+                                   "then the streamed reply; the conversation is remembered. " + CHAT_HELP)
+    add_model_argument(p)
+    add_settings_arguments(p, CHAT_SETTINGS)
+    p.set_defaults(func=run_chat)
+
+
+class _CtrlC:
+    """While active, Ctrl-C sets `pressed` instead of raising KeyboardInterrupt, so a reply stops between two
+    pieces and never in the middle of a llama.cpp call (which would leave the runtime's bookkeeping behind)."""
+
+    def __init__(self):
+        self.pressed, self._previous = False, None
+
+    def __enter__(self) -> "_CtrlC":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._press)
+        return self
+
+    def _press(self, signum, frame) -> None:
+        self.pressed = True
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+def chat_turn(bot, text: str, history: list[dict], lang: str, out) -> str:
+    """Badge, then the reply streamed to `out`; Ctrl-C ends the reply early. Returns the reply as shown."""
+    pieces: list[str] = []
+    stream = None
+    with _CtrlC() as ctrl_c:
+        try:
+            s = bot.classify(text)
+            out.write(badge(s.label, s.confidence, s.is_negative, lang) + "\n")
+            out.flush()
+            if not ctrl_c.pressed:
+                stream = bot.stream_reply(text, history=history, sentiment=s)
+                for piece in stream:
+                    pieces.append(piece)
+                    out.write(piece)
+                    out.flush()
+                    if ctrl_c.pressed:
+                        break
+        except KeyboardInterrupt:  # raised by something other than our handler (e.g. a test's fake model)
+            ctrl_c.pressed = True
+        finally:
+            if stream is not None:
+                stream.close()  # an abandoned generator releases the model lock
+        if ctrl_c.pressed:
+            out.write(" [stopped]")
+        out.write("\n\n")
+        out.flush()
+    return "".join(pieces)
+
+
+def chat_loop(bot, lang: str, read=input, out=sys.stdout) -> None:
+    """Read a message, answer it, keep the history; until /exit or end of input."""
+    history: list[dict] = []
+    while True:
+        try:
+            text = read("> ")
+        except EOFError:
+            out.write("\n")
+            return
+        except KeyboardInterrupt:
+            out.write(f"\n({CHAT_HELP})\n")
+            continue
+        command = text.strip()
+        if command in ("/exit", "/quit"):
+            return
+        if command == "/reset":
+            history.clear()
+            out.write("(conversation forgotten)\n")
+            continue
+        if not command:
+            continue
+        reply = chat_turn(bot, text, history, lang, out)
+        history.append({"role": "user", "content": text})
+        if reply.strip():  # a reply stopped before its first piece leaves no assistant turn
+            history.append({"role": "assistant", "content": reply})
+
+
+def run_chat(args) -> int:
+    from . import ModelLoadError
+    overrides = settings_overrides(args, CHAT_SETTINGS)
+    try:
+        bot, load_s = load_bot(args.model, overrides)
+    except (ModelLoadError, ValueError, TypeError) as exc:
+        raise UserError(str(exc)) from None
+    try:
+        import readline  # noqa: F401  (line editing and history for input(), where available)
+    except ImportError:
+        pass
+    print(f"{args.model.name} loaded in {load_s:.1f} s. {CHAT_HELP}", file=sys.stderr)
+    with bot:
+        chat_loop(bot, overrides.get("labels", Settings().labels))
+    return 0
