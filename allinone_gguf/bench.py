@@ -1,0 +1,255 @@
+"""`make bench`: speed, memory and accuracy of whole-product runs on this machine, one GGUF file per column.
+
+    python -m allinone_gguf bench --model models/Qwen1.5-0.5B-Chat/Qwen1.5-0.5B-Chat-Q4_K_M.gguf \\
+                                  --model models/Qwen1.5-0.5B-Chat/Qwen1.5-0.5B-Chat-Q8_0.gguf
+    python -m allinone_gguf bench --model X.gguf --data a.csv --data b.csv --limit 50
+    python -m allinone_gguf bench --model X.gguf --baseline HF_CHECKOUT --baseline-python .venv-ref/bin/python
+
+Per model file, in a process of its own (so peak RSS is that model's): load time, file size, peak RSS after
+load and after a conversation; sentiment latency p50/p95 for short, medium and long messages, alone and
+interleaved with chat turns; time to first token, generation and prompt tokens/s and the time of a full turn
+(sentiment + a reply of at most 64 tokens); accuracy, per-class recall and invalid outputs on labeled CSVs.
+Warm-up calls are left out. The conditions (CPU, cores, threads, context, versions, load average) are
+recorded, because on a shared machine they change the numbers. Output: a Markdown table on stdout and
+bench/results/<date>-<host>.json, .md and .png. `--baseline` adds the seeds' transformers FP32 approach
+(bench/baseline.py, run by a Python that has torch and transformers).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import importlib.metadata
+import json
+import os
+import platform
+import re
+import socket
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .cli import UserError, add_dataclass_arguments, add_settings_arguments, settings_overrides
+from .metrics import normalise_gold, score
+
+ROOT = Path(__file__).resolve().parent.parent          # the repository (for bench/, ../shared/, .venv-ref/)
+BENCH_SETTINGS = ("n_threads", "n_ctx", "sentiment_prompt")
+BASELINE_MISSING = 3  # exit status of bench/baseline.py when torch or transformers is not installed
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    """Defaults of the benchmark itself (the model's own knobs are in Settings)."""
+
+    data_dir: Path = field(default=ROOT.parent / "shared" / "data" / "sentiment", metadata={
+        "help": "every *.csv (header label,text) here is an accuracy data set when --data is not given"})
+    limit: int = field(default=0, metadata={"help": "rows per data set; 0 = all"})
+    runs: int = field(default=12, metadata={
+        "help": "timed classifications per message length (short/medium/long; at most 12), after the warm-up"})
+    turns: int = field(default=4, metadata={
+        "help": "timed chat turns (classify, then reply) per message length, in one conversation each"})
+    reply_tokens: int = field(default=64, metadata={"help": "most new tokens of a timed reply"})
+    seed: int = field(default=0, metadata={"help": "sampling seed of the timed replies"})
+    out: Path = field(default=ROOT / "bench" / "results", metadata={
+        "help": "folder for <date>-<host>.json, .md and .png"})
+    baseline_python: Path = field(default=ROOT / ".venv-ref" / "bin" / "python", metadata={
+        "help": "Python with torch + transformers for --baseline (`make reference-env` builds it)"})
+    baseline_limit: int = field(default=25, metadata={
+        "help": "rows per data set for the baseline (about 1.5 s per text); 0 = all"})
+    baseline_runs: int = field(default=6, metadata={"help": "timed classifications per length for the baseline"})
+    baseline_turns: int = field(default=2, metadata={"help": "timed chat turns per length for the baseline"})
+
+
+def add_bench_parser(sub) -> None:
+    p = sub.add_parser("bench", help="speed, memory and accuracy of one or more GGUF files, side by side",
+                       description=__doc__.split("\n\n")[2], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", "-m", type=Path, action="append", dest="models", metavar="GGUF",
+                   help="a GGUF file to measure; repeat for a side-by-side comparison (e.g. Q4_K_M and Q8_0)")
+    p.add_argument("--data", type=Path, action="append", metavar="CSV",
+                   help="labeled CSV (header label,text); repeat for several; `--data none` skips accuracy")
+    p.add_argument("--baseline", metavar="HF_CHECKOUT",
+                   help="also measure the seeds' approach (transformers FP32) on this Hugging Face checkout "
+                        "or hub id, with --baseline-python")
+    p.add_argument("--worker", nargs=2, metavar=("JOB", "RESULT"), help=argparse.SUPPRESS)  # one model's process
+    add_dataclass_arguments(p, BenchSettings, [f.name for f in dataclasses.fields(BenchSettings)
+                                               if f.name != "data_dir"], "benchmark settings", lambda n: None)
+    add_settings_arguments(p, BENCH_SETTINGS)
+    p.set_defaults(func=run_bench)
+
+
+# ---------------------------------------------------------------------------------------------- conditions
+
+def cpu_info() -> dict:
+    """CPU model name, logical CPUs and physical cores, from /proc/cpuinfo where there is one."""
+    model, cores = platform.processor() or "unknown", set()
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        text = ""
+    phys = core = None
+    for line in text.splitlines():
+        key, _, value = (s.strip() for s in line.partition(":"))
+        if key == "model name":
+            model = value
+        elif key == "physical id":
+            phys = value
+        elif key == "core id":
+            core = value
+            cores.add((phys, core))
+    return {"cpu": model, "logical_cpus": os.cpu_count(), "physical_cores": len(cores) or None}
+
+
+def _git_commit() -> str | None:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                             timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (sha + ("+changes" if dirty else "")) or None
+
+
+def conditions(settings) -> dict:
+    return {**cpu_info(), "n_threads": settings.n_threads, "n_ctx": settings.n_ctx,
+            "labels": settings.labels, "sentiment_prompt": settings.sentiment_prompt,
+            "llama_cpp_python": importlib.metadata.version("llama-cpp-python"),
+            "python": platform.python_version(), "os": platform.platform(), "host": socket.gethostname(),
+            "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "git": _git_commit(), "loadavg_start": list(os.getloadavg())}
+
+
+def quant_of(path: Path) -> str:
+    """The quantization as GGUF spells it (Q4_K_M, Q8_0, F16, ...), from the file's metadata or its name."""
+    try:
+        import gguf
+        reader = gguf.GGUFReader(str(path))
+        value = reader.fields["general.file_type"]
+        return gguf.LlamaFileType(int(value.parts[value.data[0]][0])).name.removeprefix("MOSTLY_")
+    except Exception:  # noqa: BLE001 - any unreadable metadata falls back to the name
+        m = re.search(r"(I?Q\d_[A-Z0-9_]+|Q\d_\d|BF16|F16|F32)", path.name.upper())
+        return m.group(1) if m else "?"
+
+
+# ------------------------------------------------------------------------------------------------ running
+
+def _datasets(args, bs: BenchSettings) -> dict[str, str]:
+    if args.data and [str(d) for d in args.data] == ["none"]:
+        return {}
+    paths = args.data or sorted(bs.data_dir.glob("*.csv"))
+    missing = [str(p) for p in paths if not Path(p).is_file()]
+    if missing:
+        raise UserError(f"data set(s) not found: {', '.join(missing)}")
+    return {Path(p).name.removesuffix(".csv"): str(Path(p).resolve()) for p in paths}
+
+
+def _run_worker(cmd: list[str], job: dict, label: str) -> tuple[dict | None, int]:
+    """Run one measuring process; (its result, exit status). Its progress goes to our stderr."""
+    with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
+        job_path, result_path = Path(tmp, "job.json"), Path(tmp, "result.json")
+        job_path.write_text(json.dumps(job, ensure_ascii=False), encoding="utf-8")
+        print(f"[{label}] measuring ...", file=sys.stderr, flush=True)
+        status = subprocess.call([*cmd, str(job_path), str(result_path)], cwd=ROOT)
+        if status == 0 and result_path.is_file():
+            return json.loads(result_path.read_text(encoding="utf-8")), 0
+        return None, status
+
+
+def summarise_accuracy(raw: dict) -> dict:
+    """{data set: n, accuracy, recall, invalid, confusion, texts_per_s} from gold and predicted lists."""
+    out = {}
+    for name, r in raw.items():
+        s = score([normalise_gold(g) for g in r["gold"]], r["predicted"])
+        out[name] = {"n": s.n, "accuracy": s.accuracy, "recall": s.recall, "invalid": s.invalid,
+                     "confusion": s.confusion, "seconds": r["seconds"],
+                     "texts_per_s": s.n / r["seconds"] if r["seconds"] > 0 else None}
+    return out
+
+
+def _model_entry(path: Path, result: dict | None, status: int) -> dict:
+    entry = {"file": path.name, "path": str(path), "size_mb": path.stat().st_size / 2**20, "quant": quant_of(path)}
+    if result is None:
+        return {**entry, "error": f"the measuring process failed (exit status {status}); see the messages above"}
+    result["accuracy"] = summarise_accuracy(result.get("accuracy", {}))
+    return {**entry, **result}
+
+
+def measure_models(models: list[Path], job: dict) -> list[dict]:
+    entries = []
+    for path in models:
+        result, status = _run_worker([sys.executable, "-m", "allinone_gguf", "bench", "--worker"],
+                                     {**job, "model": str(path)}, path.name)
+        entries.append(_model_entry(path, result, status))
+    return entries
+
+
+def measure_baseline(source: str, python: Path, job: dict, bs: BenchSettings) -> dict | None:
+    """The seeds' transformers FP32 approach, or None (with a message) when it cannot run here."""
+    script = ROOT / "bench" / "baseline.py"
+    if not script.is_file():
+        print(f"skipped the transformers baseline: {script} not found", file=sys.stderr)
+        return None
+    if not Path(python).exists():
+        print(f"skipped the transformers baseline: {python} not found; `make reference-env` builds an "
+              "environment with torch and transformers", file=sys.stderr)
+        return None
+    job = {**job, "hf": source, "limit": bs.baseline_limit, "runs": min(bs.baseline_runs, job["runs"]),
+           "turns": min(bs.baseline_turns, job["turns"])}
+    result, status = _run_worker([str(python), str(script)], job, f"baseline {source}")
+    if result is None:
+        reason = ("torch or transformers is missing there" if status == BASELINE_MISSING
+                  else f"it failed with exit status {status}")
+        print(f"skipped the transformers baseline: {reason} ({python})", file=sys.stderr)
+        return None
+    result["accuracy"] = summarise_accuracy(result.get("accuracy", {}))
+    return {"file": Path(source).name or source, "path": source, "quant": "FP32 (transformers)", **result}
+
+
+def run_bench(args) -> int:
+    if args.worker:
+        from .bench_worker import main
+        return main(*args.worker)
+    from .bench_report import ratios, render_markdown, render_png
+    from .bench_worker import sample_texts
+    from .config import Settings
+
+    bs = BenchSettings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(BenchSettings)
+                                      if getattr(args, f.name, None) is not None})
+    if not args.models:
+        raise UserError("give at least one --model GGUF file (make bench MODEL=path/to/file.gguf)")
+    missing = [str(m) for m in args.models if not m.is_file()]
+    if missing:
+        raise UserError(f"model file(s) not found: {', '.join(missing)}; run `make models` or pass a .gguf path")
+    overrides = settings_overrides(args, BENCH_SETTINGS)
+    settings = Settings().replace(**overrides)
+    datasets = _datasets(args, bs)
+    if not datasets:
+        print("no labeled data sets: accuracy is skipped (--data CSV, or put CSVs in "
+              f"{bs.data_dir})", file=sys.stderr)
+    texts = sample_texts()
+    job = {"settings": overrides, "n_threads": settings.n_threads, "texts": texts, "runs": min(bs.runs, 12), "turns": bs.turns,
+           "reply_tokens": bs.reply_tokens, "seed": bs.seed, "datasets": datasets, "limit": bs.limit}
+    report = {"conditions": conditions(settings),
+              "command": "python -m allinone_gguf bench " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["bench"]
+                                                                     else sys.argv[1:]),
+              "texts": {k: {"n": len(v), "mean_chars": sum(map(len, v)) / len(v)} for k, v in texts.items()},
+              "runs": job["runs"], "turns": job["turns"], "reply_tokens": bs.reply_tokens, "limit": bs.limit,
+              "models": measure_models(args.models, job)}
+    if args.baseline:
+        baseline = measure_baseline(args.baseline, bs.baseline_python, job, bs)
+        if baseline:
+            report["baseline"] = baseline
+    report["conditions"]["loadavg_end"] = list(os.getloadavg())
+    report["ratios"] = ratios(report["models"])
+
+    bs.out.mkdir(parents=True, exist_ok=True)
+    stem = bs.out / f"{datetime.date.today().isoformat()}-{re.sub(r'[^A-Za-z0-9_.-]', '_', socket.gethostname())}"
+    stem.with_suffix(".json").write_text(json.dumps(report, ensure_ascii=False, indent=1), encoding="utf-8")
+    markdown = render_markdown(report)
+    stem.with_suffix(".md").write_text(markdown, encoding="utf-8")
+    png = render_png(report, stem.with_suffix(".png"))
+    print(markdown)
+    print(f"wrote {stem}.json, {stem}.md" + (f", {png}" if png else " (no PNG: Pillow is not installed)"))
+    return 1 if any("error" in m for m in report["models"]) else 0
