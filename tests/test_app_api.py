@@ -1,4 +1,5 @@
 """The app's HTTP API through gradio_client, against the real server (`python app.py`) on the tiny model."""
+import re
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -78,8 +79,24 @@ def test_eight_concurrent_clients_each_get_their_own_answer(server, client):
     assert client.predict("还在吗？", api_name="/classify")[0] in LABELS["zh"]
 
 
-def test_a_missing_model_is_one_clear_line(tmp_path):
-    r = subprocess.run([sys.executable, "app.py", "--model", str(tmp_path / "nope.gguf"), "--port", "0"],
+def test_a_missing_model_is_one_clear_line_and_a_public_host_one_warning(tmp_path):
+    # The model check fails before anything binds, so asking for 0.0.0.0 here opens no port.
+    r = subprocess.run([sys.executable, "app.py", "--model", str(tmp_path / "nope.gguf"), "--host", "0.0.0.0"],
                        cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2
-    assert "nope.gguf" in r.stderr and "make models" in r.stderr and "Traceback" not in r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 2 and "Traceback" not in r.stderr
+    assert lines[0].startswith("warning: binding to 0.0.0.0") and "no login" in lines[0]
+    assert lines[1].startswith("error: ") and "nope.gguf" in lines[1] and "make models" in lines[1]
+
+
+@pytest.mark.slow
+def test_the_proxy_model_answers_sensibly_through_the_api(proxy_model, tmp_path):
+    """The real 0.5B stand-in (a coder model) behind the same API: clear-cut texts, a Chinese reply."""
+    with running_app(proxy_model, tmp_path, "--n-threads", "2") as server:
+        client = Client(server.url, verbose=False)
+        assert client.predict("今天的实验终于成功了，太棒了！", api_name="/classify")[0] == "正面"
+        assert client.predict("Lost my wallet today, I feel awful.", "en", api_name="/classify")[0] == "Negative"
+        label, confidence, reply = client.predict("考试没过，我好难过。", [], "zh", 0.7, 48, 1, api_name="/respond")
+        assert label == "负面" and confidence > 0.5
+        assert re.search(r"[\u4e00-\u9fff]", reply), reply

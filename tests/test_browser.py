@@ -162,6 +162,16 @@ def test_a_turn_shows_the_badge_then_streams_the_reply_to_the_end(open_page):
     assert bars.count() == 0
 
 
+def test_english_labels_give_an_english_badge(open_page):
+    page = open_page()
+    page.get_by_label("English").check()
+    send(page, "What a lovely day!")
+    wait_status(page, "done")
+    m = re.match(r"^(😄 LLM sentiment: Positive|😢 LLM sentiment: Negative) \(confidence \d+%\)", last_bot_text(page))
+    assert m, last_bot_text(page)
+    assert page.locator("#mood .mood-bar").first.get_attribute("data-label") in {"Positive", "Negative"}
+
+
 def test_stop_ends_the_reply_and_the_model_is_free_again(open_page, server):
     page = open_page()
     page.fill("#max-tokens input[type=number]", "512")
