@@ -118,10 +118,12 @@ class Backend:
         return bool(llama_cpp.llama_vocab_is_eog(self.vocab, token) or llama_cpp.llama_vocab_is_control(self.vocab, token))
 
     # -- KV cache -----------------------------------------------------------------------------------------------
-    def prefill(self, seq: int, tokens: list[int]) -> np.ndarray:
+    def prefill(self, seq: int, tokens: list[int], reuse: int | None = None) -> np.ndarray:
         """Make sequence `seq` hold exactly `tokens`; return the logits row after the last one (a view, n_vocab).
 
-        Only the tokens after the longest prefix already held are decoded; the rest of the sequence is dropped.
+        Only the tokens after the longest prefix already held (at most `reuse` tokens) are decoded; the rest of
+        the sequence is dropped. A fixed `reuse` makes the decoded batch, and so the float rounding of the
+        result, the same on every call: llama.cpp's batched and single-token kernels round differently.
         """
         if not tokens:
             raise ValueError("prefill needs at least one token")
@@ -131,7 +133,7 @@ class Backend:
             if a != b:
                 break
             keep += 1
-        keep = min(keep, len(tokens) - 1)      # the last token is always decoded again: we need its logits
+        keep = min(keep, len(tokens) - 1, len(tokens) if reuse is None else reuse)   # last token: its logits
         if keep < len(held):
             llama_cpp.llama_memory_seq_rm(self.memory, seq, keep, -1)
             del held[keep:]

@@ -126,12 +126,14 @@ class _LabelReader:
 class AllInOne:
     """One model, two roles. Thread-safe: one lock around the model, held by a running stream_reply."""
 
+    backend_class = Backend     # tests put a fake here
+
     def __init__(self, model_path: str | Path, settings: Settings | None = None, **overrides):
         self.settings = (settings or Settings()).replace(**overrides)
         self.model_path = Path(model_path)
         s = self.settings
         self._lock = threading.Lock()
-        self._backend = Backend(self.model_path, n_ctx=s.n_ctx, n_threads=s.n_threads, n_seq=2)
+        self._backend = self.backend_class(self.model_path, n_ctx=s.n_ctx, n_threads=s.n_threads, n_seq=2)
         b = self._backend
         self._formats = {gen: Jinja2ChatFormatter(template=b.chat_template or CHATML_TEMPLATE, eos_token="<|endoftext|>",
                                                   bos_token="", add_generation_prompt=gen) for gen in (True, False)}
@@ -163,7 +165,7 @@ class AllInOne:
         before, after = self._frames[lang]
         body = head_tail(self._backend.tokenize(text), self.settings.sentiment_tokens, self._elision)
         with self._lock:
-            logits = self._backend.prefill(SEQ_SENTIMENT, before + body + after)
+            logits = self._backend.prefill(SEQ_SENTIMENT, before + body + after, reuse=len(before))
             margin = self._reader(lang).margin(logits) + self.settings.sentiment_bias
         return self._sentiment(margin, LABEL_SETS[lang])
 
@@ -308,8 +310,6 @@ class AllInOne:
                     piece = decoder.decode(b.piece(token))
                     if piece:
                         yield piece
-                tail = decoder.decode(b"", final=True)
-                if tail:
-                    yield tail
+                # bytes of a character cut off by max_tokens stay in the decoder: never a broken character
             finally:
                 sampler.close()
