@@ -5,6 +5,9 @@ PYTHON   := $(VENV)/bin/python
 SRC      ?= Qwen/Qwen1.5-0.5B-Chat
 MODELS   ?= models
 NAME     := $(notdir $(patsubst %/,%,$(SRC)))
+RUN_MODEL ?= $(MODELS)/$(NAME)/$(NAME)-Q4_K_M.gguf
+HOST     ?= 127.0.0.1
+PORT     ?= 7860
 # Optional environment with torch + transformers, used only by the reference-converter test.
 REF_VENV ?= .venv-ref
 LLAMA_CPP_VERSION := 0.3.36
@@ -17,11 +20,12 @@ LLAMA_CMAKE_ARGS ?= -DCMAKE_C_FLAGS='$(NO_AMX)' -DCMAKE_CXX_FLAGS='$(NO_AMX)'
 endif
 WHEELHOUSE ?= $(HOME)/.cache/allinone-gguf/wheels-noamx
 
-.PHONY: help setup models test clean reference-env
+.PHONY: help setup models run test clean reference-env
 
 help:
 	@echo "make setup                 virtual env in $(VENV) with the pinned dependencies (builds llama-cpp-python, ~6 min the first time)"
 	@echo "make models [SRC=...]      download SRC (hub id or local folder), convert to F16 GGUF, quantize to Q8_0 and Q4_K_M under $(MODELS)/<name>/"
+	@echo "make run [SRC=...]         the app on http://$(HOST):$(PORT) with $(RUN_MODEL) (runs make models first when it is missing)"
 	@echo "make test                  run the test suite"
 	@echo "make reference-env         optional: $(REF_VENV) with torch + transformers for the reference-converter test"
 	@echo "make clean                 remove built models and caches (keeps the virtual env)"
@@ -40,6 +44,10 @@ $(VENV)/.installed: pyproject.toml
 
 models: setup
 	$(PYTHON) -m convert all $(SRC) --out $(MODELS)
+
+run: setup
+	@test -f $(RUN_MODEL) || $(MAKE) models
+	$(PYTHON) app.py --model $(RUN_MODEL) --models-dir $(MODELS) --host $(HOST) --port $(PORT)
 
 test: setup
 	$(PYTHON) -m pytest
