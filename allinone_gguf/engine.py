@@ -133,6 +133,7 @@ class AllInOne:
         self.model_path = Path(model_path)
         s = self.settings
         self._lock = threading.Lock()
+        self._closing = threading.Event()    # tells a running stream to stop so close() gets the lock
         self._backend = self.backend_class(self.model_path, n_ctx=s.n_ctx, n_threads=s.n_threads, n_seq=2)
         b = self._backend
         self._formats = {gen: Jinja2ChatFormatter(template=b.chat_template or CHATML_TEMPLATE, eos_token="<|endoftext|>",
@@ -161,10 +162,12 @@ class AllInOne:
     def classify(self, text: str, labels: str | None = None) -> Sentiment:
         """The sentiment of `text`, forced by the grammar to one label; the same text always gets the same label."""
         text = check_text(text)
+        self._check_open()
         lang = language_of(labels, self.settings.labels)
         before, after = self._frames[lang]
         body = head_tail(self._backend.tokenize(text), self.settings.sentiment_tokens, self._elision)
         with self._lock:
+            self._check_open()
             logits = self._backend.prefill(SEQ_SENTIMENT, before + body + after, reuse=len(before))
             margin = self._reader(lang).margin(logits) + self.settings.sentiment_bias
         return self._sentiment(margin, LABEL_SETS[lang])
@@ -179,6 +182,7 @@ class AllInOne:
         closed, or is dropped.
         """
         text = check_text(text)
+        self._check_open()
         turns = check_history(history)
         s = self.settings
         temperature = s.temperature if temperature is None else float(temperature)
@@ -202,6 +206,8 @@ class AllInOne:
         return "".join(self.stream_reply(text, history, sentiment, temperature, max_tokens, seed))
 
     def close(self) -> None:
+        """Free the model. A running stream stops at its next token; later calls raise RuntimeError."""
+        self._closing.set()
         with self._lock:
             self._backend.close()
 
@@ -210,6 +216,10 @@ class AllInOne:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+    def _check_open(self) -> None:
+        if self._closing.is_set():
+            raise RuntimeError(f"this AllInOne ({self.model_path.name}) is closed")
 
     # -- sentiment role -----------------------------------------------------------------------------------------
     def _sentiment_frame(self, lang: str) -> tuple[list[int], list[int]]:
@@ -293,6 +303,7 @@ class AllInOne:
     def _generate(self, prompt: list[int], temperature: float, max_tokens: int, seed: int | None) -> Iterator[str]:
         s = self.settings
         with self._lock:
+            self._check_open()
             b = self._backend
             tokens = list(prompt)     # what this stream has put in the chat sequence
             b.prefill(SEQ_CHAT, tokens)
@@ -301,6 +312,8 @@ class AllInOne:
             decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
             try:
                 for step in range(max_tokens):
+                    if self._closing.is_set():
+                        break
                     if step:
                         b.prefill(SEQ_CHAT, tokens)   # decodes just the last token (the sequence is ours)
                     token = sampler.sample()

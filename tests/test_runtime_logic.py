@@ -322,3 +322,18 @@ def test_close_and_context_manager():
     with FakeBot("f.gguf") as b:
         backend = b._backend
     assert backend.closed
+    with pytest.raises(RuntimeError, match="closed"):
+        b.classify("好")
+
+
+def test_close_stops_a_running_stream_in_another_thread(bot):
+    stream = bot.stream_reply("你好世界你好世界")
+    assert next(stream) == "界"
+    closer = threading.Thread(target=bot.close)
+    closer.start()
+    deadline = time.time() + 5
+    while not bot._closing.is_set() and time.time() < deadline:
+        time.sleep(0.001)
+    assert list(stream) == []                     # the stream stops at its next step instead of finishing
+    closer.join(5)
+    assert not closer.is_alive() and bot._backend.closed
