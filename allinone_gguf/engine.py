@@ -271,10 +271,10 @@ class AllInOne:
         cache: dict[str, list[int]] = {}
 
         def content(role: str, c: str) -> list[int]:
-            if role == "user":
-                c += self._cues.get(c, "")
             if c not in cache:
                 cache[c] = tok(c)
+            if role == "user" and c in self._cues:     # the same tokens the turn was sent with: text, then cue
+                return cache[c] + tok(self._cues[c])
             return cache[c]
 
         system = ("system", tok(CHAT_SYSTEM[lang]))
