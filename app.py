@@ -127,6 +127,7 @@ def answer(slot: ModelSlot, chat: list, mood: list, lang: str, temperature: floa
     except GeneratorExit:
         log.info("reply stopped after %d characters", len(reply))
         raise
+    log.info("reply finished after %d characters", len(reply))
     yield chat + [{"role": "assistant", "content": assistant_text(line, reply)}], gr.skip(), gr.skip(), DONE
 
 

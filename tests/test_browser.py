@@ -176,12 +176,23 @@ def test_stop_ends_the_reply_and_the_model_is_free_again(open_page, server):
     page = open_page()
     page.fill("#max-tokens input[type=number]", "512")
     page.press("#max-tokens input[type=number]", "Enter")
-    stops_before = server.output().count("reply stopped after")
-    send(page, "给我讲一个很长很长的故事")
-    page.wait_for_function("() => window.__texts.some(t => t.includes('%)\\n') && t.split('%)')[1].trim())")
-    page.click("#stop")
-    wait_status(page, "stopped")
-    wait_until(lambda: server.output().count("reply stopped after") > stops_before, "the server never stopped")
+    def ended() -> tuple[int, int]:
+        out = server.output()
+        return out.count("reply stopped after"), out.count("reply finished after")
+
+    # The tiny model writes 512 tokens in a few seconds, so on a busy machine the reply can end before the click
+    # lands; then the turn proves nothing about Stop and is tried again (at most 3 times).
+    for attempt in range(3):
+        before = ended()
+        send(page, "给我讲一个很长很长的故事")
+        page.wait_for_function("() => window.__texts.some(t => t.includes('%)\\n') && t.split('%)')[1].trim())")
+        page.click("#stop")
+        wait_status(page, "stopped")
+        wait_until(lambda: ended() != before, "the server neither stopped nor finished the reply")
+        if ended()[0] > before[0]:
+            break
+    else:
+        pytest.fail("the reply finished before Stop in all 3 tries")
     stopped = wait_stable(lambda: last_bot_text(page))
     check_badge(stopped)
     assert not any(s.endswith("done") for s in page.evaluate("window.__status")), "reply finished before Stop"
@@ -190,7 +201,7 @@ def test_stop_ends_the_reply_and_the_model_is_free_again(open_page, server):
     send(page, "那就下次再讲吧")  # the stopped stream must have released the model
     wait_status(page, "done")
     check_badge(last_bot_text(page))
-    assert page.locator('#chat [data-testid="bot"]').count() == 2
+    assert page.locator('#chat [data-testid="bot"]').count() == attempt + 2
 
 
 def test_switching_the_model_reloads_once(open_page, server, tiny_models):
