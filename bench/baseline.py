@@ -62,7 +62,10 @@ class Seeds:
             torch.set_num_threads(n_threads)
         self.torch = torch
         self.tok = AutoTokenizer.from_pretrained(source)
-        self.model = AutoModelForCausalLM.from_pretrained(source, torch_dtype=torch.float32, low_cpu_mem_usage=True)
+        # the seeds pass torch_dtype=torch.float32; newer transformers call it dtype
+        import transformers
+        dtype_arg = "dtype" if tuple(map(int, transformers.__version__.split(".")[:2])) >= (4, 56) else "torch_dtype"
+        self.model = AutoModelForCausalLM.from_pretrained(source, low_cpu_mem_usage=True, **{dtype_arg: torch.float32})
         self.model.eval()
 
     def classify(self, text: str) -> str:
