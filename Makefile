@@ -19,14 +19,25 @@ NO_AMX   := -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
 LLAMA_CMAKE_ARGS ?= -DCMAKE_C_FLAGS='$(NO_AMX)' -DCMAKE_CXX_FLAGS='$(NO_AMX)'
 endif
 WHEELHOUSE ?= $(HOME)/.cache/allinone-gguf/wheels-noamx
+# make bench: the default model's Q4_K_M and Q8_0 (and F16 when present), or MODEL="a.gguf b.gguf".
+# DATA="a.csv b.csv" picks the accuracy sets (default: ../shared/data/sentiment/*.csv); BENCH_ARGS passes more flags.
+DEFAULT_BENCH := $(MODELS)/$(NAME)/$(NAME)-Q4_K_M.gguf $(MODELS)/$(NAME)/$(NAME)-Q8_0.gguf
+MODEL    ?= $(DEFAULT_BENCH) $(wildcard $(MODELS)/$(NAME)/$(NAME)-F16.gguf)
+DATA     ?=
+BENCH_ARGS ?=
+# The seeds' transformers baseline runs on this Hugging Face checkout (hub id or folder).
+BASELINE ?= $(SRC)
+BENCH_CMD = $(PYTHON) -m allinone_gguf bench $(foreach m,$(MODEL),--model $(m)) $(foreach d,$(DATA),--data $(d)) $(BENCH_ARGS)
 
-.PHONY: help setup models run test clean reference-env
+.PHONY: help setup models run test bench bench-baseline clean reference-env
 
 help:
 	@echo "make setup                 virtual env in $(VENV) with the pinned dependencies (builds llama-cpp-python, ~6 min the first time)"
 	@echo "make models [SRC=...]      download SRC (hub id or local folder), convert to F16 GGUF, quantize to Q8_0 and Q4_K_M under $(MODELS)/<name>/"
 	@echo "make run [SRC=...]         the app on http://$(HOST):$(PORT) with $(RUN_MODEL) (runs make models first when it is missing)"
 	@echo "make test                  run the test suite"
+	@echo "make bench [MODEL=...]     speed, memory and accuracy of the Q4_K_M and Q8_0 files (or MODEL=\"a.gguf b.gguf\") -> bench/results/"
+	@echo "make bench-baseline        the same plus the seeds' transformers FP32 approach on BASELINE=$(BASELINE) (needs make reference-env)"
 	@echo "make reference-env         optional: $(REF_VENV) with torch + transformers for the reference-converter test"
 	@echo "make clean                 remove built models and caches (keeps the virtual env)"
 
@@ -51,6 +62,15 @@ run: setup
 
 test: setup
 	$(PYTHON) -m pytest
+
+bench: setup
+	@if [ "$(strip $(MODEL))" = "$(strip $(DEFAULT_BENCH) $(wildcard $(MODELS)/$(NAME)/$(NAME)-F16.gguf))" ]; then \
+	  for f in $(DEFAULT_BENCH); do test -f $$f || { $(MAKE) models || exit 1; break; }; done; fi
+	$(BENCH_CMD)
+
+bench-baseline: setup
+	@test -x $(REF_VENV)/bin/python || echo "note: $(REF_VENV) is missing, so the baseline will be skipped; make reference-env builds it"
+	$(BENCH_CMD) --baseline $(BASELINE) --baseline-python $(REF_VENV)/bin/python
 
 reference-env: $(REF_VENV)/.installed
 
