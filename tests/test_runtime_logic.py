@@ -35,7 +35,7 @@ class FakeSampler:
 
 class FakeBackend:
     chat_template = None      # the engine falls back to its ChatML template
-    add_bos, bos, n_vocab = False, 0, BYTE0 + 256
+    add_bos, bos, n_vocab, n_batch = False, 0, BYTE0 + 256, 512
     delay = 0.0
 
     def __init__(self, path, *, n_ctx, n_threads, n_seq):
@@ -73,6 +73,20 @@ class FakeBackend:
         logits[ord("正")] = logits[ord("P")] = float(user.count("好"))
         logits[ord("负")] = logits[ord("N")] = float(user.count("差"))
         return logits
+
+    def forget(self, seq):
+        self.held[seq] = []
+
+    def truncate(self, seq, n):
+        del self.held[seq][n:]
+
+    def prefill_branches(self, src, n_prefix, chunks, first_seq):
+        assert sum(map(len, chunks)) <= self.n_batch and first_seq + len(chunks) <= len(self.held)
+        self.branch_calls = getattr(self, "branch_calls", []) + [[len(c) for c in chunks]]
+        rows = [self.prefill(first_seq + i, self.held[src][:n_prefix] + c) for i, c in enumerate(chunks)]
+        for i in range(len(chunks)):
+            self.forget(first_seq + i)
+        return rows
 
     def next_reply_token(self):
         # reply = the last user turn reversed, byte by byte, then <|im_end|>
@@ -337,3 +351,15 @@ def test_close_stops_a_running_stream_in_another_thread(bot):
     assert list(stream) == []                     # the stream stops at its next step instead of finishing
     closer.join(5)
     assert not closer.is_alive() and bot._backend.closed
+
+
+def test_classify_many_gives_classify_answers_in_batches_that_fit(bot):
+    texts = ["好", "差差", "好好差", "x" * 600, "很好", "差"] * 6
+    many = bot.classify_many(texts)
+    assert [(m.label, m.confidence) for m in many] == [(s.label, s.confidence) for s in map(bot.classify, texts)]
+    room = bot.settings.sentiment_tokens + len(bot._frames["zh"][1])
+    calls = bot._backend.branch_calls
+    assert sum(map(len, calls)) == len(texts) and len(calls) > 1
+    assert all(sum(c) <= room and len(c) <= 16 for c in calls)
+    with pytest.raises(ValueError):
+        bot.classify_many(["好", "  "])

@@ -48,8 +48,24 @@ def test_same_text_same_answer_also_after_chat_turns(bot):
     bot.reply("你好", max_tokens=4, seed=1)
     bot.classify("另一句完全不同的话", labels="en")          # switches the sentiment prefix and back
     again = bot.classify(text)
-    assert again.label == first.label or abs(first.probs["正面"] - 0.5) < 1e-4
-    assert again.probs["正面"] == pytest.approx(first.probs["正面"], abs=1e-4)
+    assert again.probs == first.probs                    # bit for bit: the prefix is re-decoded as at start-up
+
+
+def test_classify_many_matches_classify_and_leaves_it_unchanged(bot):
+    texts = ODD_TEXTS[:6] + ["服务很好，下次还来。", "太差了"] * 10 + ["长" * 3000]
+    alone = [bot.classify(t) for t in texts]
+    bot.reply("你好", max_tokens=4, seed=1)             # a chat turn holds cells too
+    many = bot.classify_many(texts)
+    assert len(many) == len(texts)
+    for a, m in zip(alone, many):
+        assert m.label in LABEL_SETS["zh"]
+        assert m.probs["正面"] == pytest.approx(a.probs["正面"], abs=5e-3)   # batched kernels round differently
+        assert m.label == a.label or abs(a.probs["正面"] - 0.5) < 5e-3
+    for m, t in zip(bot.classify_many(texts[:3], labels="en"), texts[:3]):
+        a = bot.classify(t, labels="en")
+        assert m.labels == a.labels == LABEL_SETS["en"]
+        assert m.probs["Positive"] == pytest.approx(a.probs["Positive"], abs=5e-3)
+    assert bot.classify(texts[6]).probs == alone[6].probs
 
 
 def test_classify_reuses_the_fixed_prompt(bot):
