@@ -32,6 +32,25 @@ CHAT_SETTINGS = ("n_threads", "n_ctx", "labels", "temperature", "top_p", "top_k"
                  "max_tokens", "seed", "sentiment_prompt")
 
 
+
+# Rows handed to AllInOne.classify_many at once; it packs them into batches that fit the sentiment budget.
+ROWS_PER_BATCH = 16
+
+
+def _classify_group(bot, recs) -> dict:
+    """{id(record): Sentiment or the exception} for records with text; one batched call, or one call each when
+    the batch fails, so a bad row gets its own error and the others their answers."""
+    try:
+        return {id(r): s for r, s in zip(recs, bot.classify_many([r.text for r in recs]))}
+    except (ValueError, RuntimeError):
+        out = {}
+        for r in recs:
+            try:
+                out[id(r)] = bot.classify(r.text)
+            except (ValueError, RuntimeError) as exc:
+                out[id(r)] = exc
+        return out
+
 def _choices(name: str) -> list[str] | None:
     if name == "labels":
         return list(LABEL_LANGUAGES)
@@ -250,25 +269,29 @@ def run_classify(args) -> int:
     bar = tqdm(total=total, initial=done, unit="text", file=sys.stderr, disable=args.quiet,
                desc="classify", dynamic_ncols=True, mininterval=0.5)
     classified, bad, start = 0, [], time.perf_counter()
+    rest = itertools.islice(records, done, None)
     try:
-        for rec in itertools.islice(records, done, None):
-            row = dict(rec.fields)
-            if rec.error is None:
-                try:
-                    s = bot.classify(rec.text)
-                except (ValueError, RuntimeError) as exc:
-                    rec.error = f"line {rec.line}: {exc}"
-                else:
-                    row.update(sentiment=s.label, confidence=round(s.confidence, 4), error=None)
-                    classified += 1
-            if rec.error is not None:
-                row.update(sentiment=None, confidence=None, error=rec.error)
-                bad.append(rec.line)
-                bar.write(f"{args.input}: {rec.error}", file=sys.stderr)
-            (kept.append(row) if kept is not None else writer.write(row))
-            if seen is not None:
-                seen.append(row)
-            bar.update()
+        # Rows go to the model a group at a time (classify_many decodes a group in one batch) and are written
+        # one by one as soon as their group is done; an interruption loses at most the group in flight.
+        while group := list(itertools.islice(rest, ROWS_PER_BATCH)):
+            answers = _classify_group(bot, [rec for rec in group if rec.error is None])
+            for rec in group:
+                row = dict(rec.fields)
+                if rec.error is None:
+                    s = answers[id(rec)]
+                    if isinstance(s, Exception):
+                        rec.error = f"line {rec.line}: {s}"
+                    else:
+                        row.update(sentiment=s.label, confidence=round(s.confidence, 4), error=None)
+                        classified += 1
+                if rec.error is not None:
+                    row.update(sentiment=None, confidence=None, error=rec.error)
+                    bad.append(rec.line)
+                    bar.write(f"{args.input}: {rec.error}", file=sys.stderr)
+                (kept.append(row) if kept is not None else writer.write(row))
+                if seen is not None:
+                    seen.append(row)
+                bar.update()
     except KeyboardInterrupt:
         bar.close()
         if writer:
