@@ -64,8 +64,9 @@ test: setup
 	$(PYTHON) -m pytest
 
 bench: setup
-	@if [ "$(strip $(MODEL))" = "$(strip $(DEFAULT_BENCH) $(wildcard $(MODELS)/$(NAME)/$(NAME)-F16.gguf))" ]; then \
-	  for f in $(DEFAULT_BENCH); do test -f $$f || { $(MAKE) models || exit 1; break; }; done; fi
+ifeq ($(origin MODEL),file)
+	@for f in $(DEFAULT_BENCH); do test -f $$f || { $(MAKE) models || exit 1; break; }; done
+endif
 	$(BENCH_CMD)
 
 bench-baseline: setup

@@ -52,6 +52,11 @@ def check_gguf(path: Path) -> None:
         raise _model_error(path, "not a GGUF file (bad magic)")
 
 
+def _decode_failure(rc: int) -> str:
+    """What a non-zero llama_decode status means."""
+    return "no free KV cells (context full)" if rc == 1 else f"llama_decode returned {rc}"
+
+
 class Backend:
     """A llama.cpp model + context with `n_seq` sequences in one unified KV cache of `n_ctx` cells."""
 
@@ -134,9 +139,7 @@ class Backend:
                 break
             keep += 1
         keep = min(keep, len(tokens) - 1, len(tokens) if reuse is None else reuse)   # last token: its logits
-        if keep < len(held):
-            llama_cpp.llama_memory_seq_rm(self.memory, seq, keep, -1)
-            del held[keep:]
+        self.truncate(seq, keep)
         for start in range(keep, len(tokens), self.n_batch):
             self._decode(seq, tokens[start:start + self.n_batch], start, last=start + self.n_batch >= len(tokens))
         return self.last_logits()
@@ -170,15 +173,9 @@ class Backend:
         try:
             rc = llama_cpp.llama_decode(self.ctx, b)
             if rc != 0:
-                reason = "no free KV cells (context full)" if rc == 1 else f"llama_decode returned {rc}"
-                raise RuntimeError(f"decoding {len(chunks)} texts ({i} tokens) in one batch failed: {reason}")
-            rows = []
-            for idx in last:
-                ptr = llama_cpp.llama_get_logits_ith(self.ctx, idx)
-                if not ptr:
-                    raise RuntimeError("llama.cpp returned no logits")
-                rows.append(np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy())
-            return rows
+                raise RuntimeError(f"decoding {len(chunks)} texts ({i} tokens) in one batch failed: "
+                                   f"{_decode_failure(rc)}")
+            return [self._logits_row(idx).copy() for idx in last]
         finally:
             for seq in seqs:
                 self.forget(seq)
@@ -199,7 +196,11 @@ class Backend:
         self.held[seq].clear()
 
     def last_logits(self) -> np.ndarray:
-        ptr = llama_cpp.llama_get_logits_ith(self.ctx, -1)
+        return self._logits_row(-1)
+
+    def _logits_row(self, i: int) -> np.ndarray:
+        """The logits of the batch's i-th token (-1 = the last), a view of n_vocab floats into the context."""
+        ptr = llama_cpp.llama_get_logits_ith(self.ctx, i)
         if not ptr:
             raise RuntimeError("llama.cpp returned no logits")
         return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
@@ -217,8 +218,7 @@ class Backend:
         rc = llama_cpp.llama_decode(self.ctx, b)
         if rc != 0:
             llama_cpp.llama_memory_seq_rm(self.memory, seq, pos0, -1)
-            reason = "no free KV cells (context full)" if rc == 1 else f"llama_decode returned {rc}"
-            raise RuntimeError(f"decoding {len(chunk)} tokens at position {pos0} failed: {reason}")
+            raise RuntimeError(f"decoding {len(chunk)} tokens at position {pos0} failed: {_decode_failure(rc)}")
         self.held[seq].extend(chunk)
 
     # -- sampling -----------------------------------------------------------------------------------------------
