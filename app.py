@@ -31,8 +31,8 @@ from pathlib import Path
 import gradio as gr
 
 from allinone_gguf import AllInOne, ModelLoadError, Settings
-from allinone_gguf.config import field_help
-from allinone_gguf.ui_helpers import (
+from allinone_gguf.runtime.config import field_help
+from allinone_gguf.faces.ui_helpers import (
     LANGUAGE_CHOICES,
     AppSettings,
     assistant_text,

@@ -11,7 +11,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import bench, cli
+from .faces import cli
+from .measure import bench
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -5,7 +5,7 @@ import gradio as gr
 import pytest
 
 import app
-from allinone_gguf.ui_helpers import BADGE_RE, badge
+from allinone_gguf.faces.ui_helpers import BADGE_RE, badge
 
 
 @dataclass

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-import allinone_gguf
-from allinone_gguf import bench, bench_report, bench_worker
+import allinone_gguf.runtime
+from allinone_gguf.measure import bench, bench_report, bench_worker
 
 ROOT = Path(__file__).resolve().parent.parent
 LENGTHS = ("short", "medium", "long")
@@ -114,7 +114,7 @@ class FakeBot:
 
 
 def test_run_job_on_a_fake_model_scores_the_answers_it_gave(monkeypatch, tmp_path):
-    monkeypatch.setattr(allinone_gguf, "AllInOne", FakeBot)
+    monkeypatch.setattr(allinone_gguf.runtime, "AllInOne", FakeBot)
     data = write_csv(tmp_path / "d.csv", [("1", "很好"), ("1", "一般"), ("0", "不好"), ("0", "差"), ("0", "太差")])
     job = {"model": "x.gguf", "settings": {"n_threads": 1}, "texts": bench_worker.sample_texts(), "runs": 3,
            "turns": 2, "reply_tokens": 3, "seed": 0, "datasets": {"d": str(data)}, "limit": 0}

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from allinone_gguf import cli
-from allinone_gguf.config import Settings
-from allinone_gguf.metrics import normalise_gold
-from allinone_gguf.rowio import count_done, detect_format, read_records
+from allinone_gguf.faces import cli
+from allinone_gguf.runtime.config import Settings
+from allinone_gguf.measure.metrics import normalise_gold
+from allinone_gguf.faces.rowio import count_done, detect_format, read_records
 
 ROOT = Path(__file__).resolve().parent.parent
 LABELS = {"正面", "负面"}

@@ -13,9 +13,9 @@ from collections import defaultdict
 import pytest
 
 from allinone_gguf import AllInOne, Sentiment, Settings
-from allinone_gguf.config import field_help
-from allinone_gguf.engine import SEQ_CHAT, SEQ_SENTIMENT, check_history, head_tail
-from allinone_gguf.prompts import ELISION, LABEL_SETS, SENTIMENT_CUE, SENTIMENT_GRAMMAR, SENTIMENT_PROMPTS
+from allinone_gguf.runtime.config import field_help
+from allinone_gguf.runtime.engine import SEQ_CHAT, SEQ_SENTIMENT, check_history, head_tail
+from allinone_gguf.runtime.prompts import ELISION, LABEL_SETS, SENTIMENT_CUE, SENTIMENT_GRAMMAR, SENTIMENT_PROMPTS
 
 SPECIALS = {"<|im_start|>": 1, "<|im_end|>": 2, "<|endoftext|>": 3}
 BYTE0 = 0x110000          # ids BYTE0 + b are single bytes (reply tokens), so a character can span tokens

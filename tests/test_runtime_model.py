@@ -11,8 +11,8 @@ import threading
 import pytest
 
 from allinone_gguf import AllInOne, ModelLoadError
-from allinone_gguf.engine import SEQ_CHAT, SEQ_SENTIMENT
-from allinone_gguf.prompts import LABEL_SETS
+from allinone_gguf.runtime.engine import SEQ_CHAT, SEQ_SENTIMENT
+from allinone_gguf.runtime.prompts import LABEL_SETS
 
 ODD_TEXTS = [
     "今天的实验终于成功了，太棒了！",

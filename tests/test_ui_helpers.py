@@ -3,7 +3,7 @@ import re
 
 import pytest
 
-from allinone_gguf.ui_helpers import (
+from allinone_gguf.faces.ui_helpers import (
     BADGE_RE,
     assistant_text,
     badge,

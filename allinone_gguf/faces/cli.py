@@ -20,8 +20,8 @@ import time
 import typing
 from pathlib import Path
 
-from .config import LABEL_LANGUAGES, Settings
-from .metrics import NEGATIVE, normalise_gold, score
+from ..runtime.config import LABEL_LANGUAGES, Settings
+from ..measure.metrics import NEGATIVE, normalise_gold, score
 from .rowio import (OUTPUT_COLUMNS, RowWriter, count_done, detect_format, open_text, output_header,
                     read_records, read_rows)
 from .ui_helpers import DEFAULT_MODEL, badge
@@ -55,7 +55,7 @@ def _choices(name: str) -> list[str] | None:
     if name == "labels":
         return list(LABEL_LANGUAGES)
     if name == "sentiment_prompt":
-        from .prompts import SENTIMENT_PROMPTS
+        from ..runtime.prompts import SENTIMENT_PROMPTS
         return sorted(SENTIMENT_PROMPTS)
     return None
 
@@ -96,7 +96,7 @@ def add_model_argument(parser: argparse.ArgumentParser) -> None:
 
 def load_bot(path: Path, overrides: dict):
     """(AllInOne, seconds to load); the model's own error message when it cannot be loaded."""
-    from . import AllInOne  # late: `--help` should not wait for llama.cpp
+    from ..runtime import AllInOne  # late: `--help` should not wait for llama.cpp
     start = time.perf_counter()
     bot = AllInOne(path, **overrides)
     return bot, time.perf_counter() - start
@@ -256,7 +256,7 @@ def run_classify(args) -> int:
             raise UserError(str(exc)) from None
     total = _count_records(args, in_fmt)
 
-    from . import ModelLoadError
+    from ..runtime import ModelLoadError
     try:
         bot, load_s = load_bot(args.model, settings_overrides(args, CLASSIFY_SETTINGS))
     except (ModelLoadError, ValueError, TypeError) as exc:
@@ -413,7 +413,7 @@ def chat_loop(bot, lang: str, read=input, out=sys.stdout) -> None:
 
 
 def run_chat(args) -> int:
-    from . import ModelLoadError
+    from ..runtime import ModelLoadError
     overrides = settings_overrides(args, CHAT_SETTINGS)
     try:
         bot, load_s = load_bot(args.model, overrides)

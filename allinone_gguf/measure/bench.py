@@ -12,7 +12,7 @@ interleaved with chat turns; time to first token, generation and prompt tokens/s
 Warm-up calls are left out. The conditions (CPU, cores, threads, context, versions, load average) are
 recorded, because on a shared machine they change the numbers. Output: a Markdown table on stdout and
 bench/results/<date>-<host>.json, .md and .png. `--baseline` adds the seeds' transformers FP32 approach
-(bench/baseline.py, run by a Python that has torch and transformers).
+(measure/baseline.py, run by a Python that has torch and transformers).
 """
 from __future__ import annotations
 
@@ -31,12 +31,12 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .cli import UserError, add_dataclass_arguments, add_settings_arguments, settings_overrides
+from ..faces.cli import UserError, add_dataclass_arguments, add_settings_arguments, settings_overrides
 from .metrics import normalise_gold, score
 
-ROOT = Path(__file__).resolve().parent.parent          # the repository (for bench/, ../shared/, .venv-ref/)
+ROOT = Path(__file__).resolve().parents[2]        # the repository (for bench/, ../shared/, .venv-ref/)
 BENCH_SETTINGS = ("n_threads", "n_ctx", "sentiment_prompt")
-BASELINE_MISSING = 3  # exit status of bench/baseline.py when torch or transformers is not installed
+BASELINE_MISSING = 3  # exit status of measure/baseline.py when torch or transformers is not installed
 
 
 @dataclass(frozen=True)
@@ -187,7 +187,7 @@ def measure_models(models: list[Path], job: dict) -> list[dict]:
 
 def measure_baseline(source: str, python: Path, job: dict, bs: BenchSettings) -> dict | None:
     """The seeds' transformers FP32 approach, or None (with a message) when it cannot run here."""
-    script = ROOT / "bench" / "baseline.py"
+    script = Path(__file__).with_name("baseline.py")
     if not script.is_file():
         print(f"skipped the transformers baseline: {script} not found", file=sys.stderr)
         return None
@@ -213,7 +213,7 @@ def run_bench(args) -> int:
         return main(*args.worker)
     from .bench_report import ratios, render_markdown, render_png
     from .bench_worker import sample_texts
-    from .config import Settings
+    from ..runtime.config import Settings
 
     bs = BenchSettings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(BenchSettings)
                                       if getattr(args, f.name, None) is not None})

@@ -1,6 +1,6 @@
 """Full-scale check of the model pipeline on a real 0.5B checkout: speed, memory and quantization quality.
 
-    python bench/convert_bench.py CHECKOUT [--reference-python .venv-ref/bin/python]
+    python -m allinone_gguf.measure.convert_bench CHECKOUT [--reference-python .venv-ref/bin/python]
 
 CHECKOUT is a Hugging Face folder such as the one ../shared/tools/proxy-hf.sh builds. The script
 1. converts it with our converter and (if a reference environment is given) with llama.cpp's
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests"))
 
 # Fixed texts for the agreement check, written for this purpose (not taken from any data set).

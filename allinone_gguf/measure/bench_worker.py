@@ -212,7 +212,7 @@ def run_job(job: dict) -> dict:
     """Every measurement of one model file, as described in allinone_gguf.bench."""
     import importlib.metadata
 
-    from . import AllInOne
+    from ..runtime import AllInOne
     before = memory_mb()
     start = time.perf_counter()
     bot = AllInOne(job["model"], **job["settings"])

@@ -2,9 +2,9 @@
 
 `make bench-baseline` runs it through `python -m allinone_gguf bench --baseline HF_CHECKOUT`, with a Python
 that has torch and transformers (`make reference-env`); the product itself never imports them. It reads the
-same job file as allinone_gguf/bench_worker.py and writes a result with the same fields:
+same job file as allinone_gguf/measure/bench_worker.py and writes a result with the same fields:
 
-    .venv-ref/bin/python bench/baseline.py JOB.json RESULT.json      # JOB names "hf": a checkout or hub id
+    .venv-ref/bin/python allinone_gguf/measure/baseline.py JOB.json RESULT.json      # JOB names "hf": a checkout or hub id
 
 What "the seeds' approach" means here, as the seed articles describe it:
 - sentiment: the cold-analyst prompt + "用户输入:" + text, no chat template, `generate(max_new_tokens=5)` with
@@ -170,7 +170,7 @@ def main(job_path: str, result_path: str) -> int:
         import torch  # noqa: F401
         import transformers  # noqa: F401
     except ImportError as exc:
-        print(f"bench/baseline.py: {exc.name} is not installed here ({sys.executable}); "
+        print(f"measure/baseline.py: {exc.name} is not installed here ({sys.executable}); "
               "`make reference-env` builds an environment with torch and transformers", file=sys.stderr)
         return MISSING
     with open(job_path, encoding="utf-8") as f:

@@ -16,9 +16,9 @@ LABEL_SETS: dict[str, tuple[str, str]] = {
     "zh": ("正面", "负面"),
     "en": ("Positive", "Negative"),
 }
+# GBNF: the answer is exactly one of the labels (derived, so the two can never disagree).
 SENTIMENT_GRAMMAR: dict[str, str] = {
-    "zh": 'root ::= "正面" | "负面"',
-    "en": 'root ::= "Positive" | "Negative"',
+    lang: "root ::= " + " | ".join(f'"{label}"' for label in labels) for lang, labels in LABEL_SETS.items()
 }
 
 

@@ -12,7 +12,11 @@ import dataclasses
 import os
 from dataclasses import dataclass, field
 
-LABEL_LANGUAGES = ("zh", "en")
+from .prompts import LABEL_SETS, SENTIMENT_PROMPTS
+
+LABEL_LANGUAGES = tuple(LABEL_SETS)
+# Slots: chosen from `make bench`'s concurrency figures (README "Serving several people").
+PARALLEL = 2
 
 
 def _default_threads() -> int:
@@ -47,6 +51,17 @@ class Settings:
         "help": "longest text the sentiment role reads, in tokens; longer texts keep their head and tail"})
     sentiment_bias: float = field(default=0.0, metadata={
         "help": "added to log P(positive) - log P(negative) before choosing; > 0 leans positive"})
+    parallel: int = field(default=PARALLEL, metadata={
+        "help": "conversations whose KV cache is kept (slots), and replies decoded together in one batch"})
+    max_queue: int = field(default=64, metadata={
+        "help": "requests that may wait for the model; more are refused at once (HTTP 503)"})
+    queue_timeout: float = field(default=300.0, metadata={
+        "help": "seconds a request may wait for the model before it is refused"})
+    max_history_chars: int = field(default=400_000, metadata={
+        "help": "longest history accepted with one request, in characters (older turns beyond the "
+                "context are dropped anyway)"})
+    thinking: bool = field(default=False, metadata={
+        "help": "let a model with a thinking mode (Qwen3) think before replying; the thinking is never shown"})
 
     def __post_init__(self) -> None:
         if self.labels not in LABEL_LANGUAGES:
@@ -61,9 +76,11 @@ class Settings:
             raise ValueError(f"temperature must be >= 0, not {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], not {self.top_p}")
+        if self.parallel < 1 or self.max_queue < 1 or self.queue_timeout <= 0:
+            raise ValueError(f"parallel and max_queue must be at least 1 and queue_timeout > 0, not "
+                             f"{self.parallel}, {self.max_queue}, {self.queue_timeout}")
         if self.sentiment_tokens < 16:
             raise ValueError(f"sentiment_tokens must be at least 16, not {self.sentiment_tokens}")
-        from .prompts import SENTIMENT_PROMPTS  # late import: prompts has no dependency on this module
         if self.sentiment_prompt not in SENTIMENT_PROMPTS:
             raise ValueError(f"sentiment_prompt must be one of {sorted(SENTIMENT_PROMPTS)}, "
                              f"not {self.sentiment_prompt!r}")

@@ -84,6 +84,7 @@ class Backend:
         cparams.n_threads = cparams.n_threads_batch = n_threads
         cparams.n_seq_max = n_seq
         cparams.kv_unified = True      # all sequences share the n_ctx cells instead of n_ctx / n_seq each
+        cparams.no_perf = False        # keep llama.cpp's timings: perf() reports them
         self.ctx = llama_cpp.llama_init_from_model(self.model, cparams)
         if not self.ctx:
             self.close()
@@ -141,44 +142,54 @@ class Backend:
         keep = min(keep, len(tokens) - 1, len(tokens) if reuse is None else reuse)   # last token: its logits
         self.truncate(seq, keep)
         for start in range(keep, len(tokens), self.n_batch):
-            self._decode(seq, tokens[start:start + self.n_batch], start, last=start + self.n_batch >= len(tokens))
+            self.decode([(seq, tokens[start:start + self.n_batch], start + self.n_batch >= len(tokens))])
         return self.last_logits()
 
-    def prefill_branches(self, src: int, n_prefix: int, chunks: list[list[int]], first_seq: int) -> list[np.ndarray]:
-        """Decode every chunk after the first `n_prefix` tokens that sequence `src` holds, all in one batch, each
-        in a sequence of its own (first_seq, first_seq + 1, ...) that shares those cached tokens. Returns the
-        logits row after each chunk (copies). The branch sequences are emptied again before returning.
+    def decode(self, parts: list[tuple[int, list[int], bool]]) -> list[int | None]:
+        """One llama_decode for several sequences at once (continuous batching): each part (seq, tokens, want)
+        appends `tokens` to sequence `seq` after what it holds. Returns, per part, the batch index of its last
+        token when `want` (read it with `logits_row` or a Sampler until the next decode), else None.
 
-        One batch of many short chunks runs the matrix kernels at their efficient size, so this is faster per
-        chunk than one prefill each; results match prefill's up to float rounding (another summation order).
+        On failure nothing of this batch stays in the cache and RuntimeError says why.
         """
-        seqs = range(first_seq, first_seq + len(chunks))
-        if len(self.held[src]) < n_prefix:
-            raise ValueError(f"sequence {src} holds {len(self.held[src])} tokens, fewer than the prefix {n_prefix}")
-        if not chunks or not all(chunks) or sum(map(len, chunks)) > self.n_batch or seqs.stop > len(self.held) \
-                or src in seqs:
-            raise ValueError(f"{len(chunks)} chunks of {sum(map(len, chunks))} tokens do not fit one batch of "
-                             f"{self.n_batch} tokens in sequences {first_seq}..{len(self.held) - 1}")
-        b, i, last = self.batch, 0, []
-        for seq, chunk in zip(seqs, chunks):
-            self.forget(seq)
-            llama_cpp.llama_memory_seq_cp(self.memory, src, seq, 0, n_prefix)   # shares cells, copies nothing
-            for j, tok in enumerate(chunk):
-                b.token[i], b.pos[i], b.n_seq_id[i] = tok, n_prefix + j, 1
+        total = sum(len(toks) for _, toks, _ in parts)
+        if not parts or not all(toks for _, toks, _ in parts) or total > self.n_batch:
+            raise ValueError(f"{len(parts)} parts of {total} tokens do not fit one batch of {self.n_batch} tokens")
+        b, i, out = self.batch, 0, []
+        for seq, toks, want in parts:
+            pos0 = len(self.held[seq])
+            for j, tok in enumerate(toks):
+                b.token[i], b.pos[i], b.n_seq_id[i] = tok, pos0 + j, 1
                 b.seq_id[i][0] = seq
-                b.logits[i] = int(j == len(chunk) - 1)
+                b.logits[i] = int(want and j == len(toks) - 1)
                 i += 1
-            last.append(i - 1)
+            out.append(i - 1 if want else None)
         b.n_tokens = i
-        try:
-            rc = llama_cpp.llama_decode(self.ctx, b)
-            if rc != 0:
-                raise RuntimeError(f"decoding {len(chunks)} texts ({i} tokens) in one batch failed: "
-                                   f"{_decode_failure(rc)}")
-            return [self._logits_row(idx).copy() for idx in last]
-        finally:
-            for seq in seqs:
-                self.forget(seq)
+        rc = llama_cpp.llama_decode(self.ctx, b)
+        if rc != 0:
+            for seq, _, _ in parts:
+                llama_cpp.llama_memory_seq_rm(self.memory, seq, len(self.held[seq]), -1)
+            raise RuntimeError(f"decoding {len(parts)} sequences ({i} tokens) in one batch failed: "
+                               f"{_decode_failure(rc)}")
+        for seq, toks, _ in parts:
+            self.held[seq].extend(toks)
+        return out
+
+    def copy_prefix(self, src: int, dst: int, n: int) -> None:
+        """Make sequence `dst` hold the first `n` tokens of `src`, sharing their cells (nothing is copied)."""
+        if len(self.held[src]) < n:
+            raise ValueError(f"sequence {src} holds {len(self.held[src])} tokens, fewer than {n}")
+        self.forget(dst)
+        llama_cpp.llama_memory_seq_cp(self.memory, src, dst, 0, n)
+        self.held[dst] = list(self.held[src][:n])
+
+    def perf(self) -> dict:
+        """llama.cpp's own counters for this context: tokens it decoded (prompt batches and single tokens) and the
+        milliseconds it spent; the proof of what a call really decoded."""
+        data = llama_cpp.llama_perf_context(self.ctx)
+        return {"prompt_tokens": int(data.n_p_eval), "single_tokens": int(data.n_eval),
+                "decoded_tokens": int(data.n_p_eval) + int(data.n_eval),
+                "prompt_ms": float(data.t_p_eval_ms), "single_ms": float(data.t_eval_ms)}
 
     def truncate(self, seq: int, n: int) -> None:
         """Keep only the first `n` tokens of sequence `seq`."""
@@ -186,40 +197,20 @@ class Backend:
             llama_cpp.llama_memory_seq_rm(self.memory, seq, n, -1)
             del self.held[seq][n:]
 
-    def extend(self, seq: int, token: int) -> None:
-        """Append one token to sequence `seq` (one generation step); its logits become the last row."""
-        self._decode(seq, [token], len(self.held[seq]), last=True)
-
     def forget(self, seq: int) -> None:
         """Drop everything sequence `seq` holds."""
         llama_cpp.llama_memory_seq_rm(self.memory, seq, 0, -1)
         self.held[seq].clear()
 
     def last_logits(self) -> np.ndarray:
-        return self._logits_row(-1)
+        return self.logits_row(-1)
 
-    def _logits_row(self, i: int) -> np.ndarray:
+    def logits_row(self, i: int) -> np.ndarray:
         """The logits of the batch's i-th token (-1 = the last), a view of n_vocab floats into the context."""
         ptr = llama_cpp.llama_get_logits_ith(self.ctx, i)
         if not ptr:
             raise RuntimeError("llama.cpp returned no logits")
         return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
-
-    def _decode(self, seq: int, chunk: list[int], pos0: int, last: bool) -> None:
-        b = self.batch
-        for i, tok in enumerate(chunk):
-            b.token[i] = tok
-            b.pos[i] = pos0 + i
-            b.n_seq_id[i] = 1
-            b.seq_id[i][0] = seq
-            b.logits[i] = 0
-        b.logits[len(chunk) - 1] = int(last)
-        b.n_tokens = len(chunk)
-        rc = llama_cpp.llama_decode(self.ctx, b)
-        if rc != 0:
-            llama_cpp.llama_memory_seq_rm(self.memory, seq, pos0, -1)
-            raise RuntimeError(f"decoding {len(chunk)} tokens at position {pos0} failed: {_decode_failure(rc)}")
-        self.held[seq].extend(chunk)
 
     # -- sampling -----------------------------------------------------------------------------------------------
     def grammar_first_tokens(self, grammar: str) -> list[int]:
@@ -279,9 +270,10 @@ class Sampler:
             add(llama_cpp.llama_sampler_init_temp(temperature))
             add(llama_cpp.llama_sampler_init_dist(llama_cpp.LLAMA_DEFAULT_SEED if seed is None else seed & 0xFFFFFFFF))
 
-    def sample(self) -> int:
-        """Draw the next token from the last logits row (and record it for the repetition penalty)."""
-        return int(llama_cpp.llama_sampler_sample(self.chain, self.backend.ctx, -1))
+    def sample(self, index: int = -1) -> int:
+        """Draw the next token from the logits row of the last batch's `index`-th token (-1 = the last), and
+        record it for the repetition penalty."""
+        return int(llama_cpp.llama_sampler_sample(self.chain, self.backend.ctx, index))
 
     def close(self) -> None:
         if self.chain:

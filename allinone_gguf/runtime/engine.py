@@ -1,0 +1,250 @@
+"""`AllInOne`: one GGUF model, two roles — grammar-forced sentiment with a confidence, then a streamed reply.
+
+    >>> from allinone_gguf import AllInOne
+    >>> bot = AllInOne("models/Qwen1.5-0.5B-Chat/Qwen1.5-0.5B-Chat-Q4_K_M.gguf", n_threads=2)  # doctest: +SKIP
+    >>> s = bot.classify("今天的实验终于成功了，太棒了！")                                      # doctest: +SKIP
+    >>> s.label, round(s.confidence, 2)                                                         # doctest: +SKIP
+    ('正面', 0.97)
+    >>> print("".join(bot.stream_reply("今天的实验终于成功了，太棒了！", sentiment=s)))         # doctest: +SKIP
+
+Design (see README "Runtime"): both roles live in one llama.cpp context with a unified KV cache, owned by one
+worker thread (scheduler.py). Sequence 0 holds the sentiment role's fixed prompt (system text and worked
+examples); texts to classify are decoded in branch sequences that share those cells, so a classification costs
+the tokens of the text, not of the prompt. Each chat conversation owns a slot sequence that keeps its window,
+so its next turn decodes only the new turn. This module turns requests into token work for that worker.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Sequence
+
+from .backend import Backend
+from .chat import ChatTemplate, Turn, same_text, window_start
+from .config import Settings
+from .prompts import CHAT_SYSTEM, ELISION, LABEL_SETS, SENTIMENT_CUE, SENTIMENT_GRAMMAR
+from .scheduler import ClassifyJob, ContextOverflow, ReplyJob, ReplyStream, Scheduler
+from .sentiment import LabelReader, Sentiment, head_tail, language_of, sentiment_frame, sentiment_from_margin
+
+log = logging.getLogger(__name__)
+
+SEQ_SENTIMENT = 0
+BRANCHES = 16          # texts classified in one batch, each in a branch sequence after SEQ_SENTIMENT
+
+
+def check_text(text: object) -> str:
+    if not isinstance(text, str):
+        raise TypeError(f"text must be a str, not {type(text).__name__}")
+    if not text.strip():
+        raise ValueError("text is empty")
+    return text
+
+
+def check_history(history: Sequence[dict] | None, max_chars: int | None = None) -> list[tuple[str, str]]:
+    """(role, content) pairs from OpenAI/Gradio "messages"; roles user/assistant, string content."""
+    out, size = [], 0
+    for i, m in enumerate(history or ()):
+        role, content = (m.get("role"), m.get("content")) if isinstance(m, dict) else (None, None)
+        if role not in ("user", "assistant") or not isinstance(content, str):
+            raise ValueError(f"history[{i}] must be {{'role': 'user' | 'assistant', 'content': str}}, got {m!r}")
+        size += len(content)
+        out.append((role, content))
+    if max_chars is not None and size > max_chars:
+        raise ValueError(f"the history holds {size} characters, more than the {max_chars} accepted "
+                         "(max_history_chars); send only the recent turns")
+    return out
+
+
+class AllInOne:
+    """One model, two roles, served by one worker thread. Thread-safe: call it from as many threads as you like."""
+
+    backend_class = Backend     # tests put a fake here
+
+    def __init__(self, model_path: str | Path, settings: Settings | None = None, **overrides):
+        self.settings = s = (settings or Settings()).replace(**overrides)
+        self.model_path = Path(model_path)
+        b = self.backend_class(self.model_path, n_ctx=s.n_ctx, n_threads=s.n_threads,
+                               n_seq=1 + BRANCHES + s.parallel)
+        try:
+            self._template = ChatTemplate(b.chat_template, thinking=s.thinking)
+            tok = b.tokenize
+            self._elision = tok(ELISION)
+            self._readers = {lang: LabelReader(b.grammar_first_tokens(SENTIMENT_GRAMMAR[lang]), b.piece, lang)
+                             for lang in LABEL_SETS}
+            self._frames = {lang: sentiment_frame(s.sentiment_prompt, lang, tok, self._render_with(b))
+                            for lang in LABEL_SETS}
+            self._system = {lang: tok(CHAT_SYSTEM[lang]) for lang in LABEL_SETS}
+            longest_after = max(len(z) for _, z in self._frames.values())
+            if s.sentiment_tokens + longest_after > b.n_batch - s.parallel:
+                raise ValueError(f"sentiment_tokens={s.sentiment_tokens} plus the prompt's closing "
+                                 f"{longest_after} tokens must fit one batch of {b.n_batch - s.parallel} tokens; "
+                                 f"lower sentiment_tokens")
+            reserve = max(len(a) + len(z) for a, z in self._frames.values()) + s.sentiment_tokens
+            self.chat_budget = b.n_ctx - reserve
+            if self.chat_budget < 64 + min(s.max_tokens, 64):
+                raise ValueError(f"n_ctx={s.n_ctx} leaves {self.chat_budget} tokens for the chat after the "
+                                 f"sentiment role's {reserve}; raise n_ctx or lower sentiment_tokens")
+            b.prefill(SEQ_SENTIMENT, self._frames[s.labels][0])   # warm the fixed prefix: first calls are fast
+        except BaseException:
+            b.close()
+            raise
+        self._worker = Scheduler(b, sentiment_seq=SEQ_SENTIMENT, branch_seqs=range(1, 1 + BRANCHES),
+                                 slot_seqs=range(1 + BRANCHES, 1 + BRANCHES + s.parallel), max_queue=s.max_queue,
+                                 queue_timeout=s.queue_timeout, is_end=b.is_end)
+
+    # -- public API ---------------------------------------------------------------------------------------------
+    def label_set(self, labels: str | None = None) -> tuple[str, str]:
+        """(positive, negative) labels for a label language ("zh" / "en"; None = settings.labels)."""
+        return LABEL_SETS[language_of(labels, self.settings.labels)]
+
+    def classify(self, text: str, labels: str | None = None) -> Sentiment:
+        """The sentiment of `text`, forced by the grammar to one label."""
+        return self.classify_many([text], labels)[0]
+
+    def classify_many(self, texts: Sequence[str], labels: str | None = None) -> list[Sentiment]:
+        """classify() of each text, decoded several at a time (each in a sequence sharing the cached prompt).
+
+        Texts are packed into batches of at most BRANCHES texts that need no more KV cells than one long text
+        does; running replies go on between two batches. Labels and confidences match classify()'s up to float
+        rounding (a batch of several texts sums in another order).
+        """
+        texts = [check_text(t) for t in texts]
+        if not texts:
+            return []
+        lang = language_of(labels, self.settings.labels)
+        before, after = self._frames[lang]
+        reader, s = self._readers[lang], self.settings
+        room = s.sentiment_tokens + len(after)
+
+        def plan(b):
+            groups: list[list[tuple[int, list[int]]]] = []
+            for i, t in enumerate(texts):
+                body = head_tail(b.tokenize(t), s.sentiment_tokens, self._elision) + after
+                if not groups or len(groups[-1]) == BRANCHES or sum(len(x) for _, x in groups[-1]) + len(body) > room:
+                    groups.append([])
+                groups[-1].append((i, body))
+            return groups
+
+        def prefix(b) -> int:
+            # The sentiment sequence must start with this language's frame, decoded whole as at start-up when it
+            # did not (another language was used last): the same batches give the same floats.
+            if b.held[SEQ_SENTIMENT][:len(before)] != before:
+                b.forget(SEQ_SENTIMENT)
+                b.prefill(SEQ_SENTIMENT, before)
+            b.truncate(SEQ_SENTIMENT, len(before))
+            return len(before)
+
+        def read(b, row: int) -> Sentiment:
+            return sentiment_from_margin(reader.margin(b.logits_row(row)) + s.sentiment_bias, LABEL_SETS[lang])
+
+        return self._worker.submit(ClassifyJob(plan, prefix, read, len(texts))).wait()
+
+    def stream_reply(self, text: str, history: Sequence[dict] | None = None, sentiment: Sentiment | None = None,
+                     temperature: float | None = None, max_tokens: int | None = None, seed: int | None = None, *,
+                     top_p: float | None = None, stop: Sequence[str] = (), conversation: str | None = None,
+                     shorten: bool = True) -> ReplyStream:
+        """Reply to `text` after `history` (oldest first, without `text`); iterate the result for text pieces.
+
+        `sentiment` (from classify) reaches the model as a cue on the user turn; None = no cue. `conversation`
+        names the KV slot to prefer (any id the caller keeps); without it the slot sharing the longest history
+        is used. A text too long for the context is shortened (head and tail) unless `shorten=False`, which
+        raises ContextOverflow (from wait_started() or the first next()). Pieces never split a UTF-8 character.
+        """
+        text = check_text(text)
+        s = self.settings
+        turns = check_history(history, s.max_history_chars)
+        temperature = s.temperature if temperature is None else float(temperature)
+        top_p = s.top_p if top_p is None else float(top_p)
+        max_tokens = s.max_tokens if max_tokens is None else int(max_tokens)
+        if temperature < 0 or max_tokens < 1 or not 0 < top_p <= 1:
+            raise ValueError(f"temperature must be >= 0, max_tokens >= 1 and top_p in (0, 1], got "
+                             f"{temperature}, {max_tokens}, {top_p}")
+        stops = [x for x in stop if x]
+        lang = s.labels
+        cue = ""
+        if sentiment is not None:
+            lang = next((k for k, v in LABEL_SETS.items() if sentiment.label in v), lang)
+            cue = SENTIMENT_CUE[lang].format(label=sentiment.label)
+        max_tokens = min(max_tokens, self.chat_budget // 2)
+        budget = self.chat_budget - max_tokens
+
+        def prepare(b, slot):
+            held, past, matched = slot.turns, [], 0
+            for i, (role, content) in enumerate(turns):
+                if matched == i < len(held) and held[i].role == role and same_text(content, held[i].text):
+                    past.append(held[i])             # the tokens the model saw for it (cue, sampled ids)
+                    matched += 1
+                else:
+                    past.append(Turn(role, content, b.tokenize(content)))
+            body, cue_tokens = b.tokenize(text), b.tokenize(cue)
+            prompt, start = self._window(b, lang, past, body + cue_tokens, budget,
+                                         slot.start if 0 < slot.start <= matched else 0)
+            if prompt is None:
+                need = len(self._window(b, lang, [], body + cue_tokens, 10 ** 9, 0)[0])
+                if not shorten:
+                    raise ContextOverflow(need, max_tokens, self.chat_budget)
+                room = len(body) - (need - budget)
+                if room < 8:
+                    raise ContextOverflow(need, max_tokens, self.chat_budget)
+                body = head_tail(body, room, self._elision)
+                prompt, start = self._window(b, lang, [], body + cue_tokens, budget, 0)
+                past = []
+            new_turns = past + [Turn("user", text, body + cue_tokens)]
+            sampler = b.sampler(temperature=temperature, top_k=s.top_k, top_p=top_p,
+                                repeat_penalty=s.repeat_penalty, seed=s.seed if seed is None else seed)
+            return prompt, new_turns, start, sampler
+
+        job = ReplyJob(prepare, turns, conversation, max_tokens, hide_thinking=True, stop=stops)
+        self._worker.submit(job)
+        return ReplyStream(job)
+
+    def reply(self, text: str, history: Sequence[dict] | None = None, sentiment: Sentiment | None = None,
+              temperature: float | None = None, max_tokens: int | None = None, seed: int | None = None,
+              **options) -> str:
+        """The whole reply (the joined stream_reply)."""
+        with self.stream_reply(text, history, sentiment, temperature, max_tokens, seed, **options) as stream:
+            return "".join(stream)
+
+    def count_tokens(self, text: str) -> int:
+        """How many tokens `text` is for this model."""
+        return len(self._worker.call(lambda b: b.tokenize(text)))
+
+    def stats(self) -> dict:
+        """Counters for measurement: llama.cpp's own (decoded_tokens, prompt_tokens, single_tokens, prompt_ms,
+        single_ms, since load) plus the worker's batches and queue."""
+        perf = self._worker.call(lambda b: b.perf())
+        return {**perf, "batches": self._worker.steps, **self._worker.load}
+
+    @property
+    def n_ctx(self) -> int:
+        return self._worker.backend.n_ctx
+
+    def close(self) -> None:
+        """Cancel what runs and waits, and free the model; later calls raise RuntimeError."""
+        self._worker.close()
+
+    def __enter__(self) -> "AllInOne":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- chat prompt --------------------------------------------------------------------------------------------
+    def _render_with(self, b):
+        bos = [b.bos] if b.add_bos else []
+        return lambda turns, generation: self._template.render(turns, generation, lambda t: b.tokenize(t, True),
+                                                               bos)[0]
+
+    def _window(self, b, lang: str, past: list[Turn], user: list[int], budget: int, start: int):
+        """(prompt tokens, first history turn kept) for the newest turns that fit `budget`; (None, None) when
+        the new turn alone does not fit. Two renders whatever the history's length."""
+        bos = [b.bos] if b.add_bos else []
+        special = lambda t: b.tokenize(t, True)  # noqa: E731
+        turns = [("system", self._system[lang]), *((t.role, t.tokens) for t in past), ("user", user)]
+        tokens, starts = self._template.render(turns, True, special, bos)
+        k = window_start(starts[1:], past, len(tokens), budget, start)
+        if k is None:
+            return None, None
+        if k:
+            tokens, _ = self._template.render([turns[0], *turns[1 + k:]], True, special, bos)
+        return tokens, k

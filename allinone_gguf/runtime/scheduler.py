@@ -1,0 +1,495 @@
+"""The serving core: one worker thread owns the llama.cpp context; requests reach it through a bounded queue.
+
+    >>> from allinone_gguf.runtime.scheduler import Scheduler          # used through AllInOne, not directly
+
+Like llama-server: every chat reply runs in a KV *slot* (one sequence of the unified cache, `parallel` of them,
+reused least-recently-used), and all running replies decode their next token in one `llama_decode` batch
+together with the next chunk of a new reply's prompt and a group of texts to classify (continuous batching).
+A slot holds exactly the tokens that were decoded — cue and sampled tokens included — and remembers the turns
+behind them, so a returning conversation (by id, or by the longest shared history, as a stateless OpenAI
+client sends it) decodes only its new turn whatever other users did in between.
+
+Nothing here holds a lock while a caller consumes a stream: pieces go to a per-request channel, every request
+has a cancellation handle, and `close()` cancels what runs and returns promptly.
+"""
+from __future__ import annotations
+
+import codecs
+import itertools
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+from .chat import ThinkFilter, Turn, same_text
+
+log = logging.getLogger(__name__)
+
+
+class QueueFull(RuntimeError):
+    """Too many requests are waiting; try again later (HTTP 503 with Retry-After)."""
+
+
+class ContextOverflow(ValueError):
+    """A prompt that does not fit the context even with no history (HTTP 400 with the token counts)."""
+
+    def __init__(self, prompt_tokens: int, max_tokens: int, limit: int):
+        super().__init__(f"the prompt needs {prompt_tokens} tokens plus up to {max_tokens} new tokens, more than the "
+                         f"{limit} tokens a conversation may use; shorten the message or lower max_tokens")
+        self.prompt_tokens, self.max_tokens, self.limit = prompt_tokens, max_tokens, limit
+
+
+class Closed(RuntimeError):
+    """The model was closed."""
+
+
+_END = object()   # closes a stream's channel
+
+
+class Job:
+    """One request. `cancel()` may be called from any thread; the worker stops the job at its next step."""
+
+    _ids = itertools.count(1)
+
+    def __init__(self):
+        self.id = next(self._ids)
+        self.cancelled = threading.Event()
+        self.submitted = time.monotonic()
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+    def fail(self, exc: BaseException) -> None:
+        raise NotImplementedError
+
+
+class CallJob(Job):
+    """Run `fn(backend)` on the worker (tokenizing, reading counters, the sentiment groups' set-up)."""
+
+    def __init__(self, fn: Callable[[Any], Any]):
+        super().__init__()
+        self.fn, self.done, self.result, self.error = fn, threading.Event(), None, None
+
+    def fail(self, exc: BaseException) -> None:
+        self.error = exc
+        self.done.set()
+
+    def wait(self) -> Any:
+        self.done.wait()
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+
+class ClassifyJob(CallJob):
+    """Texts to classify, decoded a group per step; `plan(backend)` returns the groups, each a list of
+    (index, tokens after the shared prefix); `finish(index, logits row)` is called per text."""
+
+    def __init__(self, plan: Callable[[Any], list[list[tuple[int, list[int]]]]], prefix: Callable[[Any], int],
+                 read: Callable[[Any], Any], n: int):
+        super().__init__(plan)
+        self.prefix, self.read = prefix, read
+        self.groups: deque | None = None
+        self.results: list[Any] = [None] * n
+
+
+@dataclass
+class Slot:
+    """A KV sequence that holds one conversation's window."""
+
+    seq: int
+    conversation: str | None = None
+    turns: list[Turn] = field(default_factory=list)   # the whole history as the model saw it
+    start: int = 0                                    # first history turn inside the window
+    last_used: float = 0.0
+    busy: bool = False
+
+
+class ReplyJob(Job):
+    """A streamed reply. The caller iterates it for text pieces; `close()` cancels it.
+
+    `prepare(backend, slot)` runs on the worker and returns (prompt tokens, the turns now held, window start,
+    sampler); the worker then decodes the prompt after the prefix the slot already holds, samples, and puts
+    each piece on the channel. After the end, `usage` and `finish_reason` are set.
+    """
+
+    def __init__(self, prepare: Callable, history: list[tuple[str, str]], conversation: str | None,
+                 max_tokens: int, hide_thinking: bool, stop: list[str] = ()):
+        super().__init__()
+        self.prepare, self.history, self.conversation = prepare, history, conversation
+        self.max_tokens = max_tokens
+        self.channel: queue.Queue = queue.Queue()
+        self.started = threading.Event()
+        self.finish_reason: str | None = None
+        self.usage = {"prompt_tokens": 0, "completion_tokens": 0, "cached_tokens": 0}
+        self.error: BaseException | None = None
+        self._filter = ThinkFilter() if hide_thinking else None
+        self.stop, self._held_back = list(stop), ""
+        # worker-side state
+        self.slot: Slot | None = None
+        self.pending: list[int] = []     # prompt tokens still to decode, or the one sampled token to decode next
+        self.sampled: list[int] = []
+        self.sampler = None
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.text: list[str] = []
+
+    # worker side ----------------------------------------------------------------------------------------------
+    def fail(self, exc: BaseException) -> None:
+        self.error = exc
+        self.finish_reason = self.finish_reason or "error"
+        self.started.set()
+        self.channel.put(_END)
+
+    def emit(self, piece_bytes: bytes) -> bool:
+        """Send the text of one sampled token; True when it completed a stop string (which is not sent)."""
+        piece = self.decoder.decode(piece_bytes)
+        if self._filter is not None:
+            piece = self._filter.feed(piece)
+        if self.stop:
+            text = self._held_back + piece
+            hits = [i for i in (text.find(x) for x in self.stop) if i >= 0]
+            if hits:
+                self._held_back = ""
+                self._send(text[:min(hits)])
+                return True
+            # keep back what may be the start of a stop string until the next piece decides
+            keep = max((k for x in self.stop for k in range(min(len(x) - 1, len(text)), 0, -1)
+                        if text.endswith(x[:k])), default=0)
+            self._held_back = text[len(text) - keep:] if keep else ""
+            piece = text[:len(text) - keep]
+        self._send(piece)
+        return False
+
+    def _send(self, piece: str) -> None:
+        if piece:
+            self.text.append(piece)
+            self.channel.put(piece)
+
+    def end(self, reason: str) -> None:
+        self.finish_reason = reason
+        # bytes of a character cut off by max_tokens stay in the decoder: never a broken character
+        if reason != "stop" or not self.stop:
+            self._send(self._held_back)
+        if self._filter is not None:
+            self._send(self._filter.flush())
+        self.usage["completion_tokens"] = len(self.sampled)
+        self.started.set()
+        self.channel.put(_END)
+
+
+class ReplyStream:
+    """What `AllInOne.stream_reply` returns: iterate it for text pieces (never a broken UTF-8 character).
+
+    `close()` (or leaving a `with` block, or dropping the object) cancels the reply; the worker frees its slot at
+    the next step. After the end: `finish_reason` ("stop", "length", "cancelled") and `usage` (prompt_tokens,
+    completion_tokens, cached_tokens = prompt tokens that were already in the slot and not decoded again).
+    """
+
+    def __init__(self, job: ReplyJob):
+        self._job, self._done = job, False
+
+    def __iter__(self) -> Iterator[str]:
+        return self
+
+    def __next__(self) -> str:
+        if self._done:
+            raise StopIteration
+        item = self._job.channel.get()
+        if item is _END:
+            self._done = True
+            if self._job.error is not None:
+                raise self._job.error
+            raise StopIteration
+        return item
+
+    def wait_started(self, timeout: float | None = None) -> None:
+        """Block until the prompt is accepted, or raise why it was refused (e.g. ContextOverflow, QueueFull)."""
+        self._job.started.wait(timeout)
+        if self._job.error is not None:
+            raise self._job.error
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self._job.finish_reason
+
+    @property
+    def usage(self) -> dict:
+        return dict(self._job.usage)
+
+    def close(self) -> None:
+        self._done = True
+        self._job.cancel()
+
+    def __enter__(self) -> "ReplyStream":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:      # an abandoned stream must not keep generating
+        self._job.cancel()
+
+
+class Scheduler:
+    """The worker thread and its queue. `backend` is used by the worker thread only, from start to close."""
+
+    def __init__(self, backend, *, sentiment_seq: int, branch_seqs: range, slot_seqs: range, max_queue: int,
+                 queue_timeout: float, is_end: Callable[[int], bool]):
+        self.backend = backend
+        self.sentiment_seq, self.branch_seqs = sentiment_seq, branch_seqs
+        self.slots = [Slot(seq=seq) for seq in slot_seqs]
+        self.max_queue, self.queue_timeout, self.is_end = max_queue, queue_timeout, is_end
+        self._cond = threading.Condition()
+        self._waiting: deque[Job] = deque()
+        self._classify: deque[ClassifyJob] = deque()
+        self._streams: list[ReplyJob] = []
+        self._closing = False
+        self.steps = 0                        # llama_decode calls made by the worker (for the bench)
+        self._thread = threading.Thread(target=self._run, name="allinone-worker", daemon=True)
+        self._thread.start()
+
+    # caller side ----------------------------------------------------------------------------------------------
+    def submit(self, job: Job) -> Job:
+        with self._cond:
+            if self._closing:
+                raise Closed("the model is closed")
+            if len(self._waiting) >= self.max_queue:
+                raise QueueFull(f"{len(self._waiting)} requests are already waiting for the model; try again soon")
+            self._waiting.append(job)
+            self._cond.notify()
+        return job
+
+    def call(self, fn: Callable[[Any], Any]) -> Any:
+        """Run fn(backend) on the worker and return its result (raises what it raised)."""
+        return self.submit(CallJob(fn)).wait()
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Cancel every waiting and running request, stop the worker and free the model."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify()
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout)
+
+    @property
+    def load(self) -> dict:
+        with self._cond:
+            return {"waiting": len(self._waiting), "streams": len(self._streams),
+                    "slots": len(self.slots), "max_queue": self.max_queue}
+
+    # worker side ----------------------------------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            while True:
+                with self._cond:
+                    while not (self._closing or self._waiting or self._classify or self._streams):
+                        self._cond.wait()
+                    if self._closing:
+                        break
+                    admitted = self._admit()
+                for job in admitted:
+                    self._start(job)
+                self._step()
+        except BaseException as exc:     # a bug in the worker: fail everything rather than hang the callers
+            log.exception("the model worker stopped")
+            self._fail_all(RuntimeError(f"the model worker stopped: {exc}"))
+        finally:
+            with self._cond:
+                self._closing = True
+            self._fail_all(Closed("the model is closed"))
+            self.backend.close()
+
+    def _fail_all(self, exc: BaseException) -> None:
+        with self._cond:
+            jobs = list(self._waiting) + list(self._classify) + list(self._streams)
+            self._waiting.clear()
+            self._classify.clear()
+            self._streams.clear()
+        for job in jobs:
+            self._release(job)
+            if isinstance(job, ReplyJob) and job.started.is_set() and isinstance(exc, Closed):
+                job.end("cancelled")        # a running reply just ends when the model closes
+            else:
+                job.fail(exc)
+
+    def _admit(self) -> list[Job]:
+        """Jobs that can start now, in order: calls and classifications always, replies while a slot is free.
+        Waiting jobs that were cancelled or waited too long leave the queue. Called with the lock held."""
+        out, keep, free = [], deque(), sum(not s.busy for s in self.slots)
+        now = time.monotonic()
+        for job in self._waiting:
+            if job.cancelled.is_set():
+                job.fail(Closed("cancelled before it started"))
+            elif now - job.submitted > self.queue_timeout:
+                job.fail(QueueFull(f"waited {self.queue_timeout:.0f} s for the model; try again soon"))
+            elif isinstance(job, ReplyJob):
+                if free:
+                    free -= 1
+                    out.append(job)
+                else:
+                    keep.append(job)
+            else:
+                out.append(job)
+        self._waiting = keep
+        return out
+
+    def _start(self, job: Job) -> None:
+        b = self.backend
+        try:
+            if isinstance(job, ClassifyJob):
+                job.groups = deque(job.fn(b))
+                self._classify.append(job)
+            elif isinstance(job, CallJob):
+                job.result = job.fn(b)
+                job.done.set()
+            else:
+                self._start_reply(job)
+        except Exception as exc:
+            self._release(job)
+            job.fail(exc)
+
+    def _choose_slot(self, job: ReplyJob) -> Slot:
+        """The free slot whose turns share the longest history with the request (then: the conversation's own
+        slot, then an empty one, then the least recently used)."""
+        def shared(slot: Slot) -> int:
+            n = 0
+            for (role, text), turn in zip(job.history, slot.turns):
+                if role != turn.role or not same_text(text, turn.text):
+                    break
+                n += 1
+            return n
+        free = [s for s in self.slots if not s.busy]
+        return max(free, key=lambda s: (shared(s), job.conversation is not None and s.conversation == job.conversation,
+                                        not s.turns, -s.last_used))
+
+    def _start_reply(self, job: ReplyJob) -> None:
+        b = self.backend
+        slot = self._choose_slot(job)
+        slot.busy, slot.last_used, job.slot = True, time.monotonic(), slot
+        if slot.conversation != job.conversation:
+            slot.conversation = job.conversation
+        prompt, turns, start, job.sampler = job.prepare(b, slot)
+        held = b.held[slot.seq]
+        keep = 0
+        for x, y in zip(held, prompt):
+            if x != y:
+                break
+            keep += 1
+        keep = min(keep, len(prompt) - 1)              # the last prompt token is decoded for its logits
+        b.truncate(slot.seq, keep)
+        slot.turns, slot.start = turns, start
+        job.pending = prompt[keep:]
+        job.usage.update(prompt_tokens=len(prompt), cached_tokens=keep)
+        job.started.set()
+        self._streams.append(job)
+
+    def _release(self, job: Job) -> None:
+        if isinstance(job, ReplyJob):
+            if job.slot is not None:
+                if job.sampled:    # the reply as far as it went is part of the conversation
+                    job.slot.turns = job.slot.turns + [Turn("assistant", "".join(job.text), list(job.sampled))]
+                job.slot.busy, job.slot.last_used = False, time.monotonic()
+                job.slot = None
+            if job.sampler is not None:
+                job.sampler.close()
+                job.sampler = None
+
+    def _finish(self, job: ReplyJob, reason: str) -> None:
+        self._release(job)
+        with self._cond:
+            if job in self._streams:
+                self._streams.remove(job)
+        job.end(reason)
+
+    def _step(self) -> None:
+        """One llama_decode: the next token of every running reply, one group of texts to classify, and as much
+        of new replies' prompts as still fits the batch."""
+        b = self.backend
+        for job in [j for j in self._streams if j.cancelled.is_set()]:
+            self._finish(job, "cancelled")
+        for job in [j for j in self._classify if j.cancelled.is_set()]:
+            self._classify.remove(job)
+            job.fail(Closed("cancelled"))
+        parts, owners, room = [], [], b.n_batch
+        generating = [j for j in self._streams if j.sampled and j.pending]
+        prefilling = [j for j in self._streams if not j.sampled and j.pending]
+        for job in generating:
+            parts.append((job.slot.seq, job.pending, True))
+            owners.append(("reply", job))
+            room -= len(job.pending)
+        group_job = None
+        if self._classify:
+            group_job = self._classify[0]
+            group = group_job.groups[0]
+            if sum(len(t) for _, t in group) <= room:
+                n_prefix = group_job.prefix(b)
+                for k, (index, toks) in enumerate(group):
+                    seq = self._branch_seq(k)
+                    b.copy_prefix(self.sentiment_seq, seq, n_prefix)
+                    parts.append((seq, toks, True))
+                    owners.append(("text", (group_job, index)))
+                    room -= len(toks)
+                group_job.groups.popleft()
+            else:
+                group_job = None
+        for job in prefilling:
+            if room <= 0:
+                break
+            chunk = job.pending[:room]
+            parts.append((job.slot.seq, chunk, len(chunk) == len(job.pending)))
+            owners.append(("prompt", job))
+            room -= len(chunk)
+        if not parts:
+            return
+        try:
+            rows = b.decode(parts)
+        except RuntimeError as exc:
+            for kind, owner in owners:
+                if kind in ("reply", "prompt"):
+                    self._release(owner)
+                    with self._cond:
+                        if owner in self._streams:
+                            self._streams.remove(owner)
+                    owner.fail(exc)
+            if group_job is not None:
+                self._classify.remove(group_job)
+                group_job.fail(exc)
+            return
+        finally:
+            self.steps += 1
+            for k in range(sum(kind == "text" for kind, _ in owners)):
+                b.forget(self._branch_seq(k))
+        for (kind, owner), (seq, toks, want), row in zip(owners, parts, rows):
+            if kind == "text":
+                job, index = owner
+                job.results[index] = job.read(b, row)
+            elif kind == "prompt" and not want:
+                owner.pending = owner.pending[len(toks):]
+            else:
+                self._sample(owner, row)
+        if group_job is not None and not group_job.groups:
+            self._classify.remove(group_job)
+            group_job.result = group_job.results
+            group_job.done.set()
+
+    def _branch_seq(self, k: int) -> int:
+        return self.branch_seqs[k]
+
+    def _sample(self, job: ReplyJob, row: int) -> None:
+        token = job.sampler.sample(row)
+        if self.is_end(token):
+            job.pending = []
+            self._finish(job, "stop")
+            return
+        job.sampled.append(token)
+        if job.emit(self.backend.piece(token)):
+            job.pending = []
+            self._finish(job, "stop")
+        elif len(job.sampled) >= job.max_tokens:
+            job.pending = []
+            self._finish(job, "length")
+        else:
+            job.pending = [token]
