@@ -1,4 +1,4 @@
-"""Hugging Face checkout -> GGUF (F16, Q8_0, Q4_K_M) for Qwen2-family models, without torch.
+"""Hugging Face checkout -> GGUF (F16, Q8_0, Q4_K_M) for Qwen models (Qwen1.5 to Qwen3), without torch.
 
     python -m convert all Qwen/Qwen1.5-0.5B-Chat --out models
 

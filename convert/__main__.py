@@ -50,7 +50,7 @@ def _types(text: str) -> tuple[str, ...]:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m convert",
-        description="Turn a Qwen2-family Hugging Face checkout (Qwen1.5, Qwen2, Qwen2.5) into GGUF files: "
+        description="Turn a Qwen Hugging Face checkout (Qwen1.5, Qwen2, Qwen2.5, Qwen3) into GGUF files: "
                     "download -> F16 GGUF (our torch-free converter) -> Q8_0 and Q4_K_M (llama.cpp's quantizer).",
         epilog="SRC is a hub id (Qwen/Qwen1.5-0.5B-Chat; HF_ENDPOINT picks a mirror) or a local checkout folder.")
     sub = p.add_subparsers(dest="command", required=True)

@@ -3,9 +3,10 @@
     python -m convert download Qwen/Qwen1.5-0.5B-Chat            # prints the local snapshot folder
     HF_ENDPOINT=https://hf-mirror.example python -m convert download Qwen/Qwen1.5-0.5B-Chat
 
-Only the files the converter reads are downloaded (config, safetensors and index, tokenizer files,
-generation config, model card). huggingface-hub does the work: it resumes interrupted downloads, keeps a
-cache (HF_HOME), honours HF_ENDPOINT and HF_TOKEN, and falls back to the cache when the network is gone.
+Only the files the converter reads are downloaded (config, safetensors and index, tokenizer files, chat
+template, generation config, model card). huggingface-hub does the work: it resumes interrupted downloads,
+keeps a cache (HF_HOME), honours HF_ENDPOINT and HF_TOKEN, and falls back to the cache when the network is
+gone.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from pathlib import Path
 NEEDED_FILES = [
     "config.json", "generation_config.json", "model.safetensors", "model-*.safetensors",
     "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
+    "chat_template.jinja", "chat_template.json",   # newer repos keep the chat template beside tokenizer_config
     "README.md",
 ]
 _REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")

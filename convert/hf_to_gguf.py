@@ -1,13 +1,15 @@
-"""Convert a Qwen2-family Hugging Face checkout (Qwen1.5, Qwen2, Qwen2.5) to a GGUF file, tensor by tensor.
+"""Convert a Qwen Hugging Face checkout (Qwen1.5, Qwen2, Qwen2.5, Qwen3) to a GGUF file, tensor by tensor.
 
-    python -m convert to-gguf path/to/Qwen1.5-0.5B-Chat models/Qwen1.5-0.5B-Chat/Qwen1.5-0.5B-Chat-F16.gguf
+    python -m convert to-gguf path/to/Qwen3-0.6B models/Qwen3-0.6B/Qwen3-0.6B-F16.gguf
 
 or from Python: `convert_hf_to_gguf(Path(checkout), Path(out), outtype="F16")`.
 
 The result matches llama.cpp's reference converter (`convert_hf_to_gguf.py --outtype f16` of the llama.cpp
 vendored in our pinned llama-cpp-python): the same tensors (names, shapes, types, bytes), hyperparameters and
-tokenizer metadata. Only numpy and the `gguf` package are used. Memory stays flat in the model's size: the
-GGUF header is written from the safetensors headers alone, then each tensor is streamed through in row chunks.
+tokenizer metadata. `Qwen2ForCausalLM` checkouts become GGUF architecture `qwen2` (QKV biases);
+`Qwen3ForCausalLM` ones become `qwen3` (no QKV bias, per-head RMS norms `q_norm`/`k_norm` -> `attn_q_norm`/
+`attn_k_norm`, an explicit `head_dim` -> `key_length`/`value_length`). Only numpy and the `gguf` package are
+used. Memory stays flat in the model's size: the GGUF header is written from the safetensors headers alone, then each tensor is streamed through in row chunks.
 The file is written to `<out>.tmp` and renamed at the end, so a failed run leaves no half-written GGUF.
 """
 from __future__ import annotations
@@ -26,7 +28,14 @@ from .tokenizer import add_vocab_to_gguf, read_vocab
 
 log = logging.getLogger(__name__)
 
-SUPPORTED_ARCHITECTURES = ("Qwen2ForCausalLM",)
+# Hugging Face architecture class -> GGUF architecture, as llama.cpp's reference converter maps them.
+SUPPORTED_ARCHITECTURES = {
+    "Qwen2ForCausalLM": gguf.MODEL_ARCH.QWEN2,   # Qwen1.5, Qwen2, Qwen2.5
+    "Qwen3ForCausalLM": gguf.MODEL_ARCH.QWEN3,   # Qwen3 (dense)
+}
+# What transformers' Qwen3Config assumes when config.json leaves head_dim out; the reference converter
+# reads the config through transformers, so it writes this too (and the model's tensors are shaped by it).
+QWEN3_DEFAULT_HEAD_DIM = 128
 OUTTYPES = {"F16": gguf.LlamaFileType.MOSTLY_F16, "F32": gguf.LlamaFileType.ALL_F32}
 
 
@@ -41,11 +50,33 @@ def read_config(checkout: Path) -> dict:
     archs = config.get("architectures") or []
     if not any(a in SUPPORTED_ARCHITECTURES for a in archs):
         raise CheckpointError(f"{path}: architecture {archs or config.get('model_type')} is not supported; "
-                              f"this converter handles {', '.join(SUPPORTED_ARCHITECTURES)} (Qwen1.5, Qwen2, Qwen2.5)")
+                              f"this converter handles {', '.join(SUPPORTED_ARCHITECTURES)} "
+                              "(Qwen1.5, Qwen2, Qwen2.5, Qwen3)")
     for key in ("num_hidden_layers", "hidden_size", "vocab_size"):
         if key not in config:
             raise CheckpointError(f"{path}: no {key}")
+    if model_arch(config) == gguf.MODEL_ARCH.QWEN3:
+        _refuse_reranker(checkout, config)
+        if config.get("head_dim") is None:
+            config["head_dim"] = QWEN3_DEFAULT_HEAD_DIM
     return config
+
+
+def model_arch(config: dict) -> gguf.MODEL_ARCH:
+    """The GGUF architecture of a config that read_config accepted."""
+    return next(SUPPORTED_ARCHITECTURES[a] for a in config["architectures"] if a in SUPPORTED_ARCHITECTURES)
+
+
+def _refuse_reranker(checkout: Path, config: dict) -> None:
+    # Qwen3-Reranker checkouts say Qwen3ForCausalLM too; the reference converter recognises them by these
+    # hints and writes a ranking model (pooling, a yes/no classifier head), which is no chat model.
+    readme = checkout / "README.md"
+    text = readme.read_text(encoding="utf-8", errors="replace").lower() if readme.is_file() else ""
+    hints = [checkout.name, str(config.get("_name_or_path", "")), str(config.get("model_type", ""))]
+    if ("# qwen3-reranker" in text or "# qwen3-vl-reranker" in text
+            or any("qwen3-reranker" in h.lower() or "qwen3-vl-reranker" in h.lower() for h in hints)):
+        raise CheckpointError(f"{checkout}: a Qwen3 reranker, not a chat model; convert a Qwen3 chat checkout "
+                              "such as Qwen/Qwen3-0.6B")
 
 
 def _gguf_type(gguf_name: str, ndim: int, outtype: str) -> gguf.GGMLQuantizationType:
@@ -57,7 +88,7 @@ def _gguf_type(gguf_name: str, ndim: int, outtype: str) -> gguf.GGMLQuantization
 
 
 def _add_hparams(writer: gguf.GGUFWriter, config: dict, n_layers: int, ftype: gguf.LlamaFileType) -> None:
-    """qwen2.* keys, in the reference's order (TextModel.set_gguf_parameters)."""
+    """<arch>.* keys (qwen2.*, qwen3.*), in the reference's order (TextModel.set_gguf_parameters)."""
     writer.add_block_count(n_layers)
     for key, add in (("max_position_embeddings", writer.add_context_length),
                      ("hidden_size", writer.add_embedding_length),
@@ -112,16 +143,17 @@ def convert_hf_to_gguf(checkout: Path, out: Path, outtype: str = "F16",
     n_layers = config["num_hidden_layers"]
     tensors = checkpoint_tensors(checkout)
     vocab = read_vocab(checkout, config["vocab_size"])   # fail on a bad tokenizer before writing anything
-    name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.QWEN2, n_layers)
+    arch = model_arch(config)
+    name_map = gguf.get_tensor_name_map(arch, n_layers)
 
-    writer = gguf.GGUFWriter(path=None, arch=gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.QWEN2])
+    writer = gguf.GGUFWriter(path=None, arch=gguf.MODEL_ARCH_NAMES[arch])
     plan: list[tuple[TensorRef, gguf.GGMLQuantizationType]] = []
     for t in tensors:
         if t.name.endswith(".rotary_emb.inv_freq"):
             continue
         gname = name_map.get_name(t.name, try_suffixes=(".weight", ".bias"))
         if gname is None:
-            raise CheckpointError(f"{t.path}: tensor {t.name} has no place in a Qwen2 GGUF")
+            raise CheckpointError(f"{t.path}: tensor {t.name} has no place in a {gguf.MODEL_ARCH_NAMES[arch]} GGUF")
         qtype = _gguf_type(gname, len(t.shape), outtype)
         itemsize = 2 if qtype == gguf.GGMLQuantizationType.F16 else 4
         writer.add_tensor_info(gname, t.shape, np.dtype(np.float16 if itemsize == 2 else np.float32),

@@ -1,4 +1,4 @@
-"""The GGUF tokenizer block of a Qwen2-family checkout, read without transformers or tokenizers.
+"""The GGUF tokenizer block of a Qwen checkout (Qwen1.5 to Qwen3), read without transformers or tokenizers.
 
     >>> vocab = read_vocab(Path("Qwen1.5-0.5B-Chat"), vocab_size=151936)   # doctest: +SKIP
     >>> vocab.pre, len(vocab.tokens), vocab.types[151645]                   # doctest: +SKIP
@@ -6,8 +6,9 @@
 
 Token list and token types follow llama.cpp's reference converter (`get_vocab_base`): ids missing from
 the vocabulary become `[PAD{id}]` (UNUSED), added tokens that are special or look like `<|...|>` become
-CONTROL, other added tokens USER_DEFINED, the rest NORMAL. Merges, special-token ids and the chat template
-come from gguf's own `SpecialVocab`, exactly as the reference writes them.
+CONTROL, other added tokens USER_DEFINED (Qwen2.5's `<tool_call>`, Qwen3's `<think>`), the rest NORMAL.
+Merges, special-token ids and the chat template come from gguf's own `SpecialVocab`, exactly as the
+reference writes them.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import gguf
 
 from .safetensors_np import CheckpointError
 
-# The pre-tokenizer regex of Qwen1.5 / Qwen2 / Qwen2.5 (tokenizer.json and Qwen2Tokenizer's PRETOKENIZE_REGEX);
+# The pre-tokenizer regex of Qwen1.5 / Qwen2 / Qwen2.5 / Qwen3 (tokenizer.json and Qwen2Tokenizer's PRETOKENIZE_REGEX);
 # llama.cpp implements it under the name "qwen2".
 QWEN2_PRETOKENIZER_REGEX = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
@@ -54,10 +55,10 @@ def _base_and_added(checkout: Path) -> tuple[dict[str, int], dict[int, tuple[str
         tj = _read_json(tj_path)
         model = tj.get("model") or {}
         if model.get("type") != "BPE":
-            raise CheckpointError(f"{tj_path}: tokenizer model is {model.get('type')!r}, expected BPE (Qwen2 family)")
+            raise CheckpointError(f"{tj_path}: tokenizer model is {model.get('type')!r}, expected BPE (Qwen's)")
         regexes = [p.get("pattern", {}).get("Regex") for p in (tj.get("pre_tokenizer") or {}).get("pretokenizers", [])]
         if QWEN2_PRETOKENIZER_REGEX not in regexes:
-            raise CheckpointError(f"{tj_path}: pre-tokenizer is not Qwen2's; only Qwen2-family tokenizers are supported")
+            raise CheckpointError(f"{tj_path}: pre-tokenizer is not Qwen2's; only Qwen tokenizers (Qwen1.5 to Qwen3) are supported")
         added = {a["id"]: (a["content"], bool(a.get("special"))) for a in tj.get("added_tokens", [])}
         return dict(model["vocab"]), added
     vj_path = checkout / "vocab.json"
@@ -99,8 +100,9 @@ def read_vocab(checkout: Path, vocab_size: int) -> Vocab:
             tokens.append(f"[PAD{i}]")
             types.append(gguf.TokenType.UNUSED)
         elif token in added_by_content:
-            tokens.append(token)
             special = added_by_content[token] or _looks_special(token)
+            # The reference pre-normalizes user-defined tokens' SentencePiece spaces (U+2581).
+            tokens.append(token if special else token.replace("\u2581", " "))
             types.append(gguf.TokenType.CONTROL if special else gguf.TokenType.USER_DEFINED)
         else:
             tokens.append(token)
