@@ -1,11 +1,17 @@
-"""Build a tiny random-weight Qwen2 checkout that carries the real Qwen1.5 tokenizer.
+"""Build tiny random-weight Qwen checkouts (Qwen1.5, Qwen2.5-Instruct, Qwen3 style) with the real Qwen tokenizer.
 
-    python tests/tinymodel.py OUT_DIR            # writes OUT_DIR/tiny-qwen1.5 (fetches the vocab once)
+    python tests/tinymodel.py OUT_DIR                # writes OUT_DIR/tiny-qwen1.5 (fetches the vocab once)
+    python tests/tinymodel.py OUT_DIR qwen3          # OUT_DIR/tiny-qwen3; also qwen2.5
 
 The tokenizer comes from llama.cpp's `models/ggml-vocab-qwen2.gguf` (made from Qwen1.5-7B), which ships inside
 the llama-cpp-python source distribution on PyPI beside `.inp`/`.out`, its reference tokenizations. From it we
-write what a Hugging Face Qwen1.5 repository holds: vocab.json, merges.txt, tokenizer.json,
-tokenizer_config.json (with the ChatML template), config.json and bf16 safetensors.
+write what a Hugging Face Qwen repository holds: vocab.json, merges.txt, tokenizer.json,
+tokenizer_config.json (with the chat template), config.json, generation_config.json and safetensors.
+
+The flavours differ as the real checkouts do (`FLAVOURS`): Qwen2.5 and Qwen3 add tokens after <|im_end|>
+(vision, tool-call, FIM and, in Qwen3, <think>/</think>), use their own chat templates (llama.cpp's copies in
+the same sdist, `models/templates/*.jinja`) and generation settings; Qwen3 is `Qwen3ForCausalLM` with no QKV
+bias, per-head q_norm/k_norm and an explicit head_dim that is not hidden_size / num_attention_heads.
 """
 from __future__ import annotations
 
@@ -20,6 +26,9 @@ import gguf
 import numpy as np
 
 VOCAB_FILES = ("ggml-vocab-qwen2.gguf", "ggml-vocab-qwen2.gguf.inp", "ggml-vocab-qwen2.gguf.out")
+# llama.cpp's copies of the real chat templates (models/templates/ in the sdist). Qwen2.5-0.5B-Instruct has
+# the same template as Qwen2.5-7B-Instruct.
+TEMPLATE_FILES = {"qwen2.5": "Qwen-Qwen2.5-7B-Instruct.jinja", "qwen3": "Qwen-Qwen3-0.6B.jinja"}
 QWEN15_CHAT_TEMPLATE = (
     "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
     "{{ '<|im_start|>system\\nYou are a helpful assistant<|im_end|>\\n' }}{% endif %}"
@@ -32,13 +41,55 @@ PRETOKENIZER_REGEX = (
 # Small enough to build in a second, large enough that K-quants apply (rows are multiples of 256).
 TINY_CONFIG = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
                    num_key_value_heads=2, vocab_size=151936, max_position_embeddings=32768)
+# Qwen3-0.6B's shape in small: like the real one (hidden 1024, 16 heads of head_dim 128) the heads are twice
+# hidden_size / num_attention_heads wide, so a converter that derives head_dim from hidden_size goes wrong.
+TINY_QWEN3_CONFIG = dict(TINY_CONFIG, head_dim=128, max_position_embeddings=40960)
+
+# Added tokens after <|im_end|> (151645) in the real Qwen2.5 / Qwen3 tokenizer.json, with their `special`
+# flags: Qwen2.5 has ids 151646-151664, Qwen3 also 151665-151668.
+EXTRA_ADDED_TOKENS = (
+    ("<|object_ref_start|>", True), ("<|object_ref_end|>", True), ("<|box_start|>", True), ("<|box_end|>", True),
+    ("<|quad_start|>", True), ("<|quad_end|>", True), ("<|vision_start|>", True), ("<|vision_end|>", True),
+    ("<|vision_pad|>", True), ("<|image_pad|>", True), ("<|video_pad|>", True),
+    ("<tool_call>", False), ("</tool_call>", False), ("<|fim_prefix|>", False), ("<|fim_middle|>", False),
+    ("<|fim_suffix|>", False), ("<|fim_pad|>", False), ("<|repo_name|>", False), ("<|file_sep|>", False),
+    ("<tool_response>", False), ("</tool_response>", False), ("<think>", False), ("</think>", False),
+)
+
+# What differs between the generations, from the real checkouts' config.json, generation_config.json and
+# tokenizer_config.json (Qwen1.5-0.5B-Chat, Qwen2.5-0.5B-Instruct, Qwen3-0.6B).
+FLAVOURS = {
+    "qwen1.5": dict(
+        config={"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "use_sliding_window": False,
+                "sliding_window": 32768, "max_window_layers": 21, **TINY_CONFIG},
+        generation={"bos_token_id": 151643, "pad_token_id": 151643, "eos_token_id": [151645, 151643],
+                    "do_sample": True, "repetition_penalty": 1.1, "top_p": 0.8, "top_k": 20},
+        extra_tokens=0, model_max_length=32768),
+    "qwen2.5": dict(
+        config={"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "use_sliding_window": False,
+                "sliding_window": 32768, "max_window_layers": 21, **TINY_CONFIG},
+        generation={"bos_token_id": 151643, "pad_token_id": 151643, "do_sample": True,
+                    "eos_token_id": [151645, 151643], "repetition_penalty": 1.1, "temperature": 0.7,
+                    "top_p": 0.8, "top_k": 20},
+        extra_tokens=19, model_max_length=131072),
+    "qwen3": dict(
+        config={"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "attention_bias": False,
+                "use_sliding_window": False, "sliding_window": None, "max_window_layers": 28, "rope_scaling": None,
+                **TINY_QWEN3_CONFIG},
+        generation={"bos_token_id": 151643, "do_sample": True, "eos_token_id": [151645, 151643],
+                    "pad_token_id": 151643, "temperature": 0.6, "top_k": 20, "top_p": 0.95},
+        extra_tokens=23, model_max_length=131072),
+}
 
 
 def fetch_vocab(cache: Path) -> Path:
-    """The folder holding VOCAB_FILES, extracted from the pinned llama-cpp-python sdist (downloaded once)."""
+    """The folder holding VOCAB_FILES and TEMPLATE_FILES, extracted from the pinned llama-cpp-python sdist
+    (downloaded once)."""
     version = metadata.version("llama-cpp-python")
     folder = cache / f"llama-cpp-python-{version}"
-    if all((folder / f).is_file() for f in VOCAB_FILES):
+    wanted = {f"vendor/llama.cpp/models/{f}" for f in VOCAB_FILES}
+    wanted |= {f"vendor/llama.cpp/models/templates/{f}" for f in TEMPLATE_FILES.values()}
+    if all((folder / Path(w).name).is_file() for w in wanted):
         return folder
     folder.mkdir(parents=True, exist_ok=True)
     sdists = list(folder.glob("*.tar.gz"))
@@ -48,9 +99,16 @@ def fetch_vocab(cache: Path) -> Path:
         sdists = list(folder.glob("*.tar.gz"))
     with tarfile.open(sdists[0]) as tar:
         for member in tar.getmembers():
-            if member.name.endswith(tuple(f"vendor/llama.cpp/models/{f}" for f in VOCAB_FILES)):
+            if member.name.split("/", 1)[-1] in wanted:
                 (folder / Path(member.name).name).write_bytes(tar.extractfile(member).read())
     return folder
+
+
+def chat_template(vocab_dir: Path, flavour: str) -> str:
+    """The flavour's real chat template (Qwen1.5's is short enough to keep here)."""
+    if flavour == "qwen1.5":
+        return QWEN15_CHAT_TEMPLATE
+    return (vocab_dir / TEMPLATE_FILES[flavour]).read_text(encoding="utf-8")
 
 
 def reference_tokenizations(vocab_dir: Path) -> list[tuple[str, list[int]]]:
@@ -85,44 +143,67 @@ def write_safetensors(path: Path, tensors: dict[str, np.ndarray], dtype: str = "
 
 
 def random_weights(cfg: dict, tied: bool, seed: int = 0) -> dict[str, np.ndarray]:
+    """Random weights for a config.json dict: Qwen2 layers with QKV biases, or Qwen3 layers (model_type
+    "qwen3") with q_norm/k_norm over head_dim and no biases."""
     rng = np.random.default_rng(seed)
     h, ff, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
-    kv = h // cfg["num_attention_heads"] * cfg["num_key_value_heads"]
+    qwen3 = cfg.get("model_type") == "qwen3"
+    hd = cfg["head_dim"] if qwen3 else h // cfg["num_attention_heads"]
+    q, kv = hd * cfg["num_attention_heads"], hd * cfg["num_key_value_heads"]   # rows of q_proj, k_proj/v_proj
     w = {"model.embed_tokens.weight": rng.normal(0, 0.02, (v, h)), "model.norm.weight": np.ones(h)}
     for i in range(cfg["num_hidden_layers"]):
         p = f"model.layers.{i}."
-        w |= {p + "input_layernorm.weight": np.ones(h), p + "post_attention_layernorm.weight": np.ones(h),
-              p + "self_attn.q_proj.weight": rng.normal(0, 0.02, (h, h)), p + "self_attn.q_proj.bias": rng.normal(0, 0.02, h),
-              p + "self_attn.k_proj.weight": rng.normal(0, 0.02, (kv, h)), p + "self_attn.k_proj.bias": rng.normal(0, 0.02, kv),
-              p + "self_attn.v_proj.weight": rng.normal(0, 0.02, (kv, h)), p + "self_attn.v_proj.bias": rng.normal(0, 0.02, kv),
-              p + "self_attn.o_proj.weight": rng.normal(0, 0.02, (h, h)),
-              p + "mlp.gate_proj.weight": rng.normal(0, 0.02, (ff, h)), p + "mlp.up_proj.weight": rng.normal(0, 0.02, (ff, h)),
+        if qwen3:
+            w |= {p + "input_layernorm.weight": np.ones(h), p + "post_attention_layernorm.weight": np.ones(h),
+                  p + "self_attn.q_proj.weight": rng.normal(0, 0.02, (q, h)),
+                  p + "self_attn.k_proj.weight": rng.normal(0, 0.02, (kv, h)),
+                  p + "self_attn.v_proj.weight": rng.normal(0, 0.02, (kv, h)),
+                  # not all ones, so q_norm and k_norm swapped or misplaced would show
+                  p + "self_attn.q_norm.weight": rng.normal(1, 0.1, hd), p + "self_attn.k_norm.weight": rng.normal(1, 0.1, hd),
+                  p + "self_attn.o_proj.weight": rng.normal(0, 0.02, (h, q))}
+        else:
+            w |= {p + "input_layernorm.weight": np.ones(h), p + "post_attention_layernorm.weight": np.ones(h),
+                  p + "self_attn.q_proj.weight": rng.normal(0, 0.02, (q, h)), p + "self_attn.q_proj.bias": rng.normal(0, 0.02, q),
+                  p + "self_attn.k_proj.weight": rng.normal(0, 0.02, (kv, h)), p + "self_attn.k_proj.bias": rng.normal(0, 0.02, kv),
+                  p + "self_attn.v_proj.weight": rng.normal(0, 0.02, (kv, h)), p + "self_attn.v_proj.bias": rng.normal(0, 0.02, kv),
+                  p + "self_attn.o_proj.weight": rng.normal(0, 0.02, (h, q))}
+        w |= {p + "mlp.gate_proj.weight": rng.normal(0, 0.02, (ff, h)), p + "mlp.up_proj.weight": rng.normal(0, 0.02, (ff, h)),
               p + "mlp.down_proj.weight": rng.normal(0, 0.02, (h, ff))}
     if not tied:
         w["lm_head.weight"] = rng.normal(0, 0.02, (v, h))
     return {k: a.astype(np.float32) for k, a in w.items()}
 
 
-def write_tokenizer(vocab_gguf: Path, out: Path, tokenizer_json: bool = True, slow_files: bool = True) -> None:
+def write_tokenizer(vocab_gguf: Path, out: Path, tokenizer_json: bool = True, slow_files: bool = True, *,
+                    chat_template: str = QWEN15_CHAT_TEMPLATE, extra_tokens: int = 0,
+                    model_max_length: int = 32768) -> None:
+    """The tokenizer files; `extra_tokens` of EXTRA_ADDED_TOKENS follow <|im_end|> (19 = Qwen2.5, 23 = Qwen3)."""
     r = gguf.GGUFReader(vocab_gguf)
     f = r.fields
     tokens = [f["tokenizer.ggml.tokens"].contents(i) for i in range(len(f["tokenizer.ggml.tokens"].data))]
     types = f["tokenizer.ggml.token_type"].contents()
     merges = [f["tokenizer.ggml.merges"].contents(i) for i in range(len(f["tokenizer.ggml.merges"].data))]
     vocab = {t: i for i, (t, ty) in enumerate(zip(tokens, types)) if ty == gguf.TokenType.NORMAL}
-    added = [(i, t) for i, (t, ty) in enumerate(zip(tokens, types)) if ty == gguf.TokenType.CONTROL]
+    added = [(i, t, True) for i, (t, ty) in enumerate(zip(tokens, types)) if ty == gguf.TokenType.CONTROL]
+    first = added[-1][0] + 1                                       # 151646, a [PAD] id in the Qwen1.5 vocab
+    added += [(first + k, t, special) for k, (t, special) in enumerate(EXTRA_ADDED_TOKENS[:extra_tokens])]
     if slow_files:
         (out / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
         (out / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
     added_json = [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
-                   "normalized": False, "special": True} for i, t in added]
-    (out / "tokenizer_config.json").write_text(json.dumps({
+                   "normalized": False, "special": special} for i, t, special in added]
+    tokenizer_config = {
         "add_prefix_space": False, "bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
-        "unk_token": None, "errors": "replace", "model_max_length": 32768, "split_special_tokens": False,
-        "tokenizer_class": "Qwen2Tokenizer", "chat_template": QWEN15_CHAT_TEMPLATE,
+        "unk_token": None, "errors": "replace", "model_max_length": model_max_length, "split_special_tokens": False,
+        "tokenizer_class": "Qwen2Tokenizer", "chat_template": chat_template,
         "added_tokens_decoder": {str(a["id"]): {k: v for k, v in a.items() if k != "id"} for a in added_json},
         "additional_special_tokens": ["<|im_start|>", "<|im_end|>"],
-    }, indent=2, ensure_ascii=False), encoding="utf-8")
+    }
+    if extra_tokens:   # Qwen2.5 and Qwen3 also say these, and list the special <|...|> tokens they added
+        tokenizer_config |= {"add_bos_token": False, "clean_up_tokenization_spaces": False}
+        tokenizer_config["additional_special_tokens"] += [t for t, special in EXTRA_ADDED_TOKENS[:extra_tokens] if special]
+    (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2, ensure_ascii=False),
+                                               encoding="utf-8")
     if tokenizer_json:
         (out / "tokenizer.json").write_text(json.dumps({
             "version": "1.0", "truncation": None, "padding": None, "added_tokens": added_json,
@@ -138,22 +219,24 @@ def write_tokenizer(vocab_gguf: Path, out: Path, tokenizer_json: bool = True, sl
         }, ensure_ascii=False), encoding="utf-8")
 
 
-def build_checkout(vocab_dir: Path, out: Path, *, tied: bool = True, shards: int = 1, dtype: str = "BF16",
-                   tokenizer_json: bool = True, slow_files: bool = True, seed: int = 0) -> Path:
-    """A Qwen1.5-style checkout; `tied=False` adds lm_head.weight, `shards=2` splits it with an index."""
+def build_checkout(vocab_dir: Path, out: Path, *, flavour: str = "qwen1.5", tied: bool = True, shards: int = 1,
+                   dtype: str = "BF16", tokenizer_json: bool = True, slow_files: bool = True, seed: int = 0) -> Path:
+    """A checkout of one of FLAVOURS (Qwen1.5-style by default); `tied=False` adds lm_head.weight, `shards=2`
+    splits the weights with an index."""
+    if flavour not in FLAVOURS:
+        raise ValueError(f"flavour {flavour!r}: choose one of {', '.join(FLAVOURS)}")
+    spec = FLAVOURS[flavour]
     out.mkdir(parents=True, exist_ok=True)
-    cfg = dict(TINY_CONFIG)
-    (out / "config.json").write_text(json.dumps({
-        "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_act": "silu",
-        "bos_token_id": 151643, "eos_token_id": 151645, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
-        "tie_word_embeddings": tied, "torch_dtype": {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}[dtype],
-        "use_sliding_window": False, "sliding_window": 32768, "max_window_layers": 21, "attention_dropout": 0.0,
-        "initializer_range": 0.02, "use_cache": True, **cfg}, indent=2), encoding="utf-8")
-    (out / "generation_config.json").write_text(json.dumps({
-        "bos_token_id": 151643, "pad_token_id": 151643, "eos_token_id": [151645, 151643], "do_sample": True,
-        "repetition_penalty": 1.1, "top_p": 0.8, "top_k": 20}), encoding="utf-8")
-    write_tokenizer(vocab_dir / VOCAB_FILES[0], out, tokenizer_json, slow_files)
-    weights = random_weights(cfg, tied, seed)
+    config = {"hidden_act": "silu", "bos_token_id": 151643, "eos_token_id": 151645, "rms_norm_eps": 1e-6,
+              "rope_theta": 1000000.0, "tie_word_embeddings": tied,
+              "torch_dtype": {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}[dtype],
+              "attention_dropout": 0.0, "initializer_range": 0.02, "use_cache": True, **spec["config"]}
+    (out / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+    (out / "generation_config.json").write_text(json.dumps(spec["generation"]), encoding="utf-8")
+    write_tokenizer(vocab_dir / VOCAB_FILES[0], out, tokenizer_json, slow_files,
+                    chat_template=chat_template(vocab_dir, flavour), extra_tokens=spec["extra_tokens"],
+                    model_max_length=spec["model_max_length"])
+    weights = random_weights(config, tied, seed)
     names = list(weights)
     if shards == 1:
         write_safetensors(out / "model.safetensors", weights, dtype)
@@ -167,11 +250,6 @@ def build_checkout(vocab_dir: Path, out: Path, *, tied: bool = True, shards: int
             weight_map |= {n: part for n in chunk}
         (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     return out
-
-
-if __name__ == "__main__":
-    root = Path(sys.argv[1] if len(sys.argv) > 1 else ".cache")
-    print(build_checkout(fetch_vocab(root / "vocab"), root / "tiny-qwen1.5"))
 
 
 def fetch_reference_converter(vocab_dir: Path) -> Path:
@@ -189,3 +267,9 @@ def fetch_reference_converter(vocab_dir: Path) -> Path:
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 dest.write_bytes(tar.extractfile(member).read())
     return script
+
+
+if __name__ == "__main__":
+    root = Path(sys.argv[1] if len(sys.argv) > 1 else ".cache")
+    kind = sys.argv[2] if len(sys.argv) > 2 else "qwen1.5"
+    print(build_checkout(fetch_vocab(root / "vocab"), root / f"tiny-{kind}", flavour=kind))
