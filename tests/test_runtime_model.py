@@ -2,7 +2,8 @@
 
 What must hold for any model: labels come only from the grammar, confidences are probabilities, the same text
 always gets the same answer (also after chat turns in between), streams stop, seeds reproduce, the history
-reaches the prompt, bad model files give a clear error, and the lock survives concurrent and abandoned callers.
+reaches the prompt, KV reuse shows in llama.cpp's own counters, bad model files give a clear error, and the
+worker serves concurrent and abandoned callers.
 """
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ import threading
 import pytest
 
 from allinone_gguf import AllInOne, ModelLoadError
-from allinone_gguf.runtime.engine import SEQ_CHAT, SEQ_SENTIMENT
 from allinone_gguf.runtime.prompts import LABEL_SETS
 
 ODD_TEXTS = [
@@ -68,20 +68,56 @@ def test_classify_many_matches_classify_and_leaves_it_unchanged(bot):
     assert bot.classify(texts[6]).probs == alone[6].probs
 
 
-def test_classify_reuses_the_fixed_prompt(bot):
-    bot.classify("第一句")
-    held = list(bot._backend.held[SEQ_SENTIMENT])
-    before, after = bot._frames["zh"]
-    assert held[:len(before)] == before and held[len(held) - len(after):] == after
+def decoded(bot) -> int:
+    """Tokens llama.cpp has decoded in this context so far (its perf counters)."""
+    return bot.stats()["decoded_tokens"]
+
+
+def test_classify_decodes_only_the_text_not_the_fixed_prompt(bot):
+    bot.classify("第一句")                                  # the frame is decoded at load (or here, once)
+    text = "服务很好，下次还来。"
+    before = decoded(bot)
+    bot.classify(text)
+    cost = decoded(bot) - before
+    assert bot.count_tokens(text) <= cost <= bot.count_tokens(text) + 16   # text + the prompt's closing tokens
 
 
 def test_stream_stops_at_max_tokens_and_pieces_are_text(bot):
-    pieces = list(bot.stream_reply("随便说点什么", max_tokens=5, seed=3))
+    stream = bot.stream_reply("随便说点什么", max_tokens=5, seed=3)
+    pieces = list(stream)
     assert all(isinstance(p, str) and p for p in pieces)
-    prompt = bot._chat_prompt("随便说点什么", "", [], "zh", bot.chat_budget)
-    held = bot._backend.held[SEQ_CHAT]
-    assert held[:len(prompt)] == prompt
-    assert len(held) - len(prompt) <= 5          # generated tokens (the last sampled one is never decoded)
+    assert stream.usage["completion_tokens"] <= 5 and stream.finish_reason in ("stop", "length")
+
+
+def test_returning_conversation_decodes_only_its_new_turn(tiny_models):
+    """Two users interleave; when the first comes back, llama.cpp decodes only the new turn (its counters say so),
+    not the system prompt and history again."""
+    with AllInOne(tiny_models["Q4_K_M"], n_threads=1, n_ctx=1024, max_tokens=8, parallel=2) as b:
+        a1 = b.reply("我叫小明，今天心情不好。", seed=1, conversation="a")
+        b.reply("Another user, another topic entirely.", seed=2, conversation="b")
+        b.reply("还有第三句话。", seed=3, history=[{"role": "user", "content": "Another user, another topic entirely."},
+                                               {"role": "assistant", "content": "x"}], conversation="b")
+        history = [{"role": "user", "content": "我叫小明，今天心情不好。"}, {"role": "assistant", "content": a1}]
+        text = "你还记得我叫什么吗？"
+        before = decoded(b)
+        stream = b.stream_reply(text, history=history, seed=4, conversation="a")
+        reply = "".join(stream)
+        cost = decoded(b) - before
+        new = stream.usage["prompt_tokens"] - stream.usage["cached_tokens"]
+        assert stream.usage["cached_tokens"] > 20                          # system prompt + the first exchange
+        assert new <= b.count_tokens(text) + 12                            # the new turn and its template tokens
+        assert cost <= new + stream.usage["completion_tokens"]             # what llama.cpp really decoded
+        assert isinstance(reply, str)
+
+
+def test_abandoned_stream_frees_its_slot(tiny_models):
+    with AllInOne(tiny_models["Q4_K_M"], n_threads=1, n_ctx=1024, max_tokens=200, parallel=1) as b:
+        stream = b.stream_reply("说一段很长的话", seed=5, temperature=1.5)
+        next(stream, None)
+        del stream
+        done = threading.Event()
+        threading.Thread(target=lambda: (b.reply("还在吗", max_tokens=2), done.set()), daemon=True).start()
+        assert done.wait(30), "the abandoned stream kept the only slot"
 
 
 def test_seed_makes_replies_reproducible(tiny_models):
@@ -98,17 +134,19 @@ def test_seed_makes_replies_reproducible(tiny_models):
 
 def test_history_reaches_the_prompt(bot):
     history = [{"role": "user", "content": "我叫小明"}, {"role": "assistant", "content": "你好小明"}]
-    bot.reply("我叫什么？", history=history, max_tokens=2, seed=1)
-    held = bot._backend.held[SEQ_CHAT]
-    for m in history:
-        ids = bot._backend.tokenize(m["content"])
-        assert any(held[i:i + len(ids)] == ids for i in range(len(held))), m
+    alone = bot.stream_reply("我叫什么？", max_tokens=2, seed=1)
+    list(alone)
+    stream = bot.stream_reply("我叫什么？", history=history, max_tokens=2, seed=1)
+    list(stream)
+    grown = stream.usage["prompt_tokens"] - alone.usage["prompt_tokens"]
+    assert grown >= sum(bot.count_tokens(m["content"]) for m in history)
 
 
 def test_long_history_is_trimmed_not_an_error(bot):
     history = [{"role": r, "content": f"第{i}轮" + "很长的内容" * 40} for i in range(60) for r in ("user", "assistant")]
-    assert isinstance(bot.reply("还记得吗", history=history, max_tokens=4, seed=1), str)
-    assert len(bot._backend.held[SEQ_CHAT]) <= bot.chat_budget
+    stream = bot.stream_reply("还记得吗", history=history, max_tokens=4, seed=1)
+    assert isinstance("".join(stream), str)
+    assert stream.usage["prompt_tokens"] + 4 <= bot.chat_budget
 
 
 def test_every_quant_type_loads_and_answers(tiny_models):
@@ -160,13 +198,3 @@ def test_concurrent_callers_get_the_answers_they_would_get_alone(bot):
     for t in texts:
         assert together[t][0] == pytest.approx(alone[t][0], abs=1e-4)
         assert together[t][1] == alone[t][1]
-
-
-def test_abandoned_stream_releases_the_model(bot):
-    stream = bot.stream_reply("说一段很长的话", max_tokens=16, seed=5)
-    if next(stream, None) is not None:
-        assert bot._lock.locked()
-    del stream
-    done = threading.Event()
-    threading.Thread(target=lambda: (bot.classify("还在吗"), done.set()), daemon=True).start()
-    assert done.wait(30), "classify blocked: the abandoned stream kept the lock"

@@ -110,20 +110,24 @@ class ThinkFilter:
     OPEN, CLOSE = "<think>", "</think>"
 
     def __init__(self):
-        self.inside, self.pending = False, ""
+        self.inside, self.pending, self.closed = False, "", False   # closed: newlines after </think> are dropped
 
     def feed(self, piece: str) -> str:
         text, out = self.pending + piece, []
         self.pending = ""
         while text:
+            if self.closed:
+                text = text.lstrip("\n")
+                self.closed = not text
+                if not text:
+                    break
             tag = self.CLOSE if self.inside else self.OPEN
             i = text.find(tag)
             if i >= 0:
                 if not self.inside:
                     out.append(text[:i])
                 text, self.inside = text[i + len(tag):], not self.inside
-                if not self.inside:
-                    text = text.lstrip("\n")
+                self.closed = not self.inside
                 continue
             keep = next((k for k in range(min(len(tag) - 1, len(text)), 0, -1) if tag.startswith(text[-k:])), 0)
             if not self.inside:
