@@ -23,6 +23,33 @@ QUANT_TYPES = {
     "Q4_K_M": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M,
 }
 _STEP = re.compile(rb"\[\s*(\d+)/\s*(\d+)\]")
+# enum ggml_log_level of the llama.cpp vendored in llama-cpp-python 0.3.36 (ggml/include/ggml.h). Older ggml,
+# and llama_cpp._logger's table, numbered them NONE, INFO, WARN, ERROR, DEBUG: read with that table, a failed
+# run reports its warnings and drops the real error. CONT continues the previous message at its level.
+LOG_NONE, LOG_DEBUG, LOG_INFO, LOG_WARN, LOG_ERROR, LOG_CONT = range(6)
+
+
+class ErrorLog:
+    """The error messages among llama.cpp's log callbacks, each whole (CONT pieces joined to their message)."""
+
+    def __init__(self) -> None:
+        self.messages: list[str] = []
+        self._level = LOG_NONE
+
+    def add(self, level: int, text: bytes | None) -> None:
+        continued = level == LOG_CONT
+        if not continued:
+            self._level = level
+        if self._level != LOG_ERROR:
+            return
+        piece = (text or b"").decode("utf-8", "replace")
+        if continued and self.messages:
+            self.messages[-1] += piece
+        else:
+            self.messages.append(piece)
+
+    def summary(self) -> str:
+        return "; ".join(m.strip() for m in self.messages if m.strip())
 
 
 def quantize_gguf(src: Path, dst: Path, qtype: str, n_threads: int | None = None,
@@ -37,12 +64,11 @@ def quantize_gguf(src: Path, dst: Path, qtype: str, n_threads: int | None = None
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = QUANT_TYPES[qtype]
     params.nthread = n_threads or os.cpu_count() or 1
-    errors: list[str] = []
+    errors = ErrorLog()
 
     @llama_cpp.llama_log_callback
     def on_log(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
-        if level == 3:  # GGML_LOG_LEVEL_ERROR
-            errors.append(text.decode("utf-8", "replace").strip())
+        errors.add(level, text)
         m = _STEP.search(text or b"")
         if m and progress:
             progress(int(m.group(1)), int(m.group(2)))
@@ -54,7 +80,7 @@ def quantize_gguf(src: Path, dst: Path, qtype: str, n_threads: int | None = None
         llama_cpp.llama_log_set(llama_cpp._logger.llama_log_callback, ctypes.c_void_p(0))
     if rc != 0 or not tmp.is_file():
         tmp.unlink(missing_ok=True)
-        detail = "; ".join(e for e in errors if e) or f"llama_model_quantize returned {rc}"
+        detail = errors.summary() or f"llama_model_quantize returned {rc}"
         raise RuntimeError(f"{src}: quantizing to {qtype} failed: {detail}")
     os.replace(tmp, dst)
     return dst
