@@ -10,7 +10,8 @@ import importlib
 
 # public name -> the module that defines it
 _WHERE = {"AllInOne": ".engine", "BRANCHES": ".engine", "ModelLoadError": ".backend", "Sentiment": ".sentiment",
-          "Settings": ".config"}
+          "Settings": ".config", "Closed": ".scheduler", "ContextOverflow": ".scheduler", "QueueFull": ".scheduler",
+          "ReplyStream": ".scheduler"}
 __all__ = sorted(_WHERE)
 
 

@@ -219,7 +219,12 @@ class ReplyStream:
     def usage(self) -> dict:
         return dict(self._job.usage)
 
+    def cancel(self) -> None:
+        """Stop the reply from any thread; a reader still gets what was sent, then the end."""
+        self._job.cancel()
+
     def close(self) -> None:
+        """Stop the reply and stop reading it."""
         self._done = True
         self._job.cancel()
 
