@@ -54,3 +54,19 @@ def proxy_model() -> Path:
         pytest.skip(f"proxy model not found at {PROXY_MODEL}; run ../shared/tools/proxy-model.sh "
                     "or set ALLINONE_PROXY_MODEL")
     return PROXY_MODEL
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3_checkout(vocab_dir, tmp_path_factory) -> Path:
+    """A tiny random-weight Qwen3-0.6B-style checkout: Qwen3ForCausalLM, tied, bf16, head_dim 128 (not
+    hidden_size / heads), q/k norms, the real tokenizer with Qwen3's added tokens and chat template."""
+    return build_checkout(vocab_dir, tmp_path_factory.mktemp("hf-qwen3") / "tiny-qwen3", flavour="qwen3")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3_models(tiny_qwen3_checkout, tmp_path_factory) -> dict[str, Path]:
+    """{"F16": path, "Q8_0": path, "Q4_K_M": path} of the tiny Qwen3 model, made by `python -m convert all`."""
+    out = tmp_path_factory.mktemp("models-qwen3")
+    r = run_convert("all", str(tiny_qwen3_checkout), "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    return {q: out / "tiny-qwen3" / f"tiny-qwen3-{q}.gguf" for q in QUANTS}
