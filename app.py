@@ -1,12 +1,16 @@
 """Offline Gradio app and HTTP API for Qwen All-in-One: a sentiment badge at once, then a streamed reply.
 
-It only wires Gradio to the runtime (allinone_gguf); it makes no request outside the machine: no analytics,
-no share link, no CDN. One model serves every session, so model work queues (one event at a time).
+It only wires Gradio and the OpenAI-compatible API to the runtime (allinone_gguf); it makes no request outside
+the machine: no analytics, no share link, no CDN. One model serves every session; the runtime's worker
+queues and batches their requests, and each browser session is one conversation with its own KV slot.
+A message typed while the session's reply is still running waits in the session's queue (shown under the
+chat) and is answered next: nothing typed is dropped.
 
     python app.py                                   # default model, http://127.0.0.1:7860
     python app.py --model models/Qwen1.5-0.5B-Chat/Qwen1.5-0.5B-Chat-Q8_0.gguf --port 7861
 
-HTTP API (named endpoints `classify` and `respond`):
+The page is at `/`, the OpenAI-compatible API under `/v1` (allinone_gguf/faces/openai_api.py), `/health` says
+whether the model is loaded. Gradio's own named endpoints `classify` and `respond` stay:
 
     from gradio_client import Client
     client = Client("http://127.0.0.1:7860/")
@@ -25,12 +29,18 @@ import logging
 import sys
 import threading
 import time
+import uuid
+from collections import deque
 from contextlib import closing
 from pathlib import Path
 
 import gradio as gr
+import uvicorn
+from fastapi import FastAPI
 
 from allinone_gguf import AllInOne, ModelLoadError, Settings
+from allinone_gguf.faces.openai_api import build_router
+from allinone_gguf.runtime import QueueFull
 from allinone_gguf.runtime.config import field_help
 from allinone_gguf.faces.ui_helpers import (
     LANGUAGE_CHOICES,
@@ -47,12 +57,14 @@ from allinone_gguf.faces.ui_helpers import (
 )
 
 log = logging.getLogger("app")
-MODEL_QUEUE = "model"  # concurrency group of every event that touches the model: one at a time
 # The line under the chat: where the current turn is (tests wait on these too).
 WAITING, REPLYING, DONE, STOPPED = "… waiting for the model", "… replying", "✓ done", "■ stopped"
+QUEUED = "⏳ waiting to be sent: "   # before the messages typed while a reply runs
 # Seconds between chat updates while a reply streams: the browser re-renders the whole message on each
 # update, so one per token makes long replies lag behind the model (and run on after Stop).
 REFRESH_S = 0.1
+# Gradio events that may wait on the model at once; the runtime's own queue (Settings.max_queue) bounds the rest.
+MODEL_EVENTS = 16
 SAME = (gr.skip(), gr.skip(), gr.skip())  # mood state, mood chart and turn status unchanged
 
 
@@ -69,6 +81,8 @@ class ModelSlot:
         self.bot = AllInOne(path, settings)
         log.info("loaded %s", path)
         self.start_path = Path(path).resolve()
+        self.ready = threading.Event()     # /health: 503 until set (and while a switch loads)
+        self.ready.set()
 
     def choices(self) -> list[tuple[str, str]]:
         """The model menu: *.gguf under models_dir, plus the file given on the command line."""
@@ -84,7 +98,11 @@ class ModelSlot:
                 return False
             if str(Path(path).resolve()) not in {value for _, value in self.choices()}:
                 raise ValueError(f"{path}: not a model under {self.models_dir}")
-            new = AllInOne(path, self.settings)
+            self.ready.clear()
+            try:
+                new = AllInOne(path, self.settings)
+            finally:
+                self.ready.set()
             old, self.bot = self.bot, new
         old.close()
         log.info("loaded %s", path)
@@ -94,41 +112,104 @@ class ModelSlot:
         return f"**Model:** `{model_name(Path(self.current()), self.models_dir)}`"
 
 
-def add_user(message: str, chat: list):
-    """Show the user's message at once (not queued) and clear the box; an empty box stops the chain."""
+class Session:
+    """One browser session: its conversation id (the runtime keeps a KV slot for it), the chat as shown, and the
+    messages typed while a reply was running. Gradio hands the same object to every event of the session."""
+
+    def __init__(self):
+        self.conversation = uuid.uuid4().hex
+        self.chat: list[dict] = []
+        self.pending: deque[str] = deque()
+        self.lock = threading.Lock()
+        self.running = False
+
+    def __deepcopy__(self, memo) -> "Session":   # Gradio copies the State's default for every new session
+        return Session()
+
+    def shown(self) -> list[dict]:
+        """The chat plus the waiting messages, so nothing typed ever disappears from the page."""
+        return self.chat + [{"role": "user", "content": text} for text in self.pending]
+
+    def status(self, line: str) -> str:
+        return line + (f"  \n{QUEUED}{len(self.pending)}" if self.pending else "")
+
+
+def add_user(message: str, session: Session):
+    """Queue the message and show it at once (not queued in Gradio); an empty box stops the chain."""
     if not (message or "").strip():
         raise gr.Error("Type a message first. / 请先输入一句话。", duration=3)
-    return "", chat + [{"role": "user", "content": message.strip()}], WAITING
+    with session.lock:
+        session.pending.append(message.strip())
+        busy = session.running
+    return "", session.shown(), session.status(REPLYING) if busy else WAITING
 
 
-def answer(slot: ModelSlot, chat: list, mood: list, lang: str, temperature: float, max_tokens: float):
-    """One assistant turn for the last (user) message of the chat: badge and mood chart first, then the
-    reply piece by piece. Stop makes Gradio close this generator, which closes the stream and frees the model."""
-    text = content_text(chat[-1]["content"]) if chat and chat[-1]["role"] == "user" else ""
-    history = history_from_chat(chat[:-1])
+def answer(slot: ModelSlot, session: Session, mood: list, lang: str, temperature: float, max_tokens: float):
+    """Answer the session's waiting messages one after the other: for each, the badge and mood chart first, then
+    the reply piece by piece. Only one answer runs per session (a second call returns at once: the running one
+    takes the new message next). Stop makes Gradio close this generator, which closes the runtime's stream."""
+    with session.lock:
+        if session.running:
+            return
+        session.running = True
+    try:
+        while True:
+            with session.lock:
+                if not session.pending:
+                    session.running = False
+                    return
+                text = session.pending.popleft()
+            history = history_from_chat(session.chat)
+            session.chat.append({"role": "user", "content": text})
+            mood = yield from _turn(slot, session, text, history, mood, lang, temperature, max_tokens)
+    finally:
+        with session.lock:
+            session.running = False
+
+
+def _turn(slot, session, text, history, mood, lang, temperature, max_tokens):
     bot = slot.bot
     try:
         sentiment = bot.classify(text, labels=lang)
-    except (ValueError, TypeError, ModelLoadError) as e:
+    except (ValueError, TypeError, ModelLoadError, QueueFull) as e:
+        session.chat.pop()
         raise gr.Error(str(e)) from e
     line = badge(sentiment.label, sentiment.confidence, sentiment.is_negative, lang)
     mood = mood + [mood_point(len(mood) + 1, sentiment.label, sentiment.probs, bot.label_set(lang)[0])]
-    yield chat + [{"role": "assistant", "content": line}], mood, mood_svg(mood), REPLYING
+    session.chat.append({"role": "assistant", "content": line})
+    yield session.shown(), mood, mood_svg(mood), session.status(REPLYING)
     reply, last = "", float("-inf")  # the first piece shows at once
-    stream = bot.stream_reply(text, history=history, sentiment=sentiment,
-                              temperature=float(temperature), max_tokens=int(max_tokens))
+    stream = bot.stream_reply(text, history=history, sentiment=sentiment, temperature=float(temperature),
+                              max_tokens=int(max_tokens), conversation=session.conversation)
     try:
         with closing(stream):
             for piece in stream:
                 reply += piece
+                session.chat[-1] = {"role": "assistant", "content": assistant_text(line, reply)}
                 if time.monotonic() - last >= REFRESH_S:
-                    yield chat + [{"role": "assistant", "content": assistant_text(line, reply)}], *SAME
+                    yield session.shown(), *SAME
                     last = time.monotonic()
     except GeneratorExit:
         log.info("reply stopped after %d characters", len(reply))
         raise
     log.info("reply finished after %d characters", len(reply))
-    yield chat + [{"role": "assistant", "content": assistant_text(line, reply)}], gr.skip(), gr.skip(), DONE
+    yield session.shown(), gr.skip(), gr.skip(), session.status(DONE)
+    return mood
+
+
+def stop_turn(session: Session):
+    """Stop: the running reply ends (Gradio cancels it); messages still waiting go back to the box, not lost."""
+    with session.lock:
+        waiting = list(session.pending)
+        session.pending.clear()
+    return "\n".join(waiting), session.shown(), STOPPED
+
+
+def clear_chat(session: Session):
+    with session.lock:
+        session.chat, waiting = [], list(session.pending)
+        session.pending.clear()
+    return "\n".join(waiting), [], [], mood_svg([]), ""
 
 
 def build_app(slot: ModelSlot) -> gr.Blocks:
@@ -151,7 +232,7 @@ def build_app(slot: ModelSlot) -> gr.Blocks:
         """Sentiment of `text`: (label, confidence). labels: "zh" (正面/负面) or "en" (Positive/Negative)."""
         try:
             sentiment = slot.bot.classify(text, labels=labels)
-        except (ValueError, TypeError, ModelLoadError) as e:
+        except (ValueError, TypeError, ModelLoadError, QueueFull) as e:
             raise gr.Error(str(e)) from e
         return sentiment.label, float(sentiment.confidence)
 
@@ -164,7 +245,7 @@ def build_app(slot: ModelSlot) -> gr.Blocks:
             sentiment = bot.classify(text, labels=labels)
             reply = bot.reply(text, history=history or [], sentiment=sentiment, temperature=temperature,
                               max_tokens=max_tokens, seed=seed)
-        except (ValueError, TypeError, ModelLoadError) as e:
+        except (ValueError, TypeError, ModelLoadError, QueueFull) as e:
             raise gr.Error(str(e)) from e
         return sentiment.label, float(sentiment.confidence), reply
 
@@ -198,62 +279,92 @@ def build_app(slot: ModelSlot) -> gr.Blocks:
                 plot = gr.HTML(mood_svg([]), elem_id="mood")
         mood = gr.State([])
 
+        session = gr.State(Session())
+
         quiet = dict(api_visibility="private", show_progress="hidden")  # UI events: not part of the HTTP API
-        turn = dict(fn=functools.partial(answer, slot), inputs=[chat, mood, lang, temperature, max_tokens],
-                    outputs=[chat, mood, plot, progress], concurrency_id=MODEL_QUEUE, **quiet)
-        show = dict(fn=add_user, inputs=[box, chat], outputs=[box, chat, progress], queue=False, **quiet)
+        # Sessions run side by side (the runtime batches them); within a session, answer() keeps the order.
+        turn = dict(fn=functools.partial(answer, slot), inputs=[session, mood, lang, temperature, max_tokens],
+                    outputs=[chat, mood, plot, progress], concurrency_limit=MODEL_EVENTS, trigger_mode="multiple",
+                    **quiet)
+        show = dict(fn=add_user, inputs=[box, session], outputs=[box, chat, progress], queue=False,
+                    trigger_mode="multiple", **quiet)
         replies = [box.submit(**show).success(**turn), send.click(**show).success(**turn)]
-        stop.click(lambda: STOPPED, outputs=[progress], cancels=replies, queue=False, **quiet)
+        stop.click(stop_turn, inputs=[session], outputs=[box, chat, progress], cancels=replies, queue=False,
+                   **quiet)
         for clearing in (clear.click, chat.clear):  # the Clear button and the chat's own bin icon
-            clearing(lambda: ([], [], mood_svg([]), ""), outputs=[chat, mood, plot, progress], cancels=replies,
+            clearing(clear_chat, inputs=[session], outputs=[box, chat, mood, plot, progress], cancels=replies,
                      queue=False, **quiet)
-        model.input(switch_model, inputs=[model], outputs=[status], concurrency_id=MODEL_QUEUE,
+        model.input(switch_model, inputs=[model], outputs=[status], concurrency_limit=1,
                     api_visibility="private")
         demo.load(on_load, outputs=[model, status], queue=False, **quiet)
-        gr.api(classify, api_name="classify", concurrency_id=MODEL_QUEUE)
-        gr.api(respond, api_name="respond", concurrency_id=MODEL_QUEUE)
+        gr.api(classify, api_name="classify", concurrency_limit=MODEL_EVENTS)
+        gr.api(respond, api_name="respond", concurrency_limit=MODEL_EVENTS)
     return demo
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ui = AppSettings()
-    p = argparse.ArgumentParser(description="Offline Gradio app and HTTP API for Qwen All-in-One (GGUF).")
+    p = argparse.ArgumentParser(description="Offline Gradio app (at /) and OpenAI-compatible API (under /v1) for "
+                                            "Qwen All-in-One (GGUF).")
     for name in ("model", "models_dir", "host", "port"):
         default = getattr(ui, name)
         p.add_argument("--" + name.replace("_", "-"), type=type(default), default=default,
                        help=f"{_app_help(name)} (default: {default})")
-    for name in ("n_threads", "n_ctx"):  # load-time knobs; the per-reply ones are UI controls
+    for name in ("n_threads", "n_ctx", "parallel", "max_queue"):  # load-time knobs; per-reply ones are UI controls
         default = getattr(Settings(), name)
         p.add_argument("--" + name.replace("_", "-"), type=int, default=default,
                        help=f"{field_help(name)} (default: {default})")
+    p.add_argument("--api-key", default=os.environ.get("ALLINONE_API_KEY"),
+                   help="require `Authorization: Bearer KEY` on /v1 (default: $ALLINONE_API_KEY, else none)")
     return p.parse_args(argv)
+
+
+def build_server(slot: ModelSlot, api_key: str | None) -> FastAPI:
+    """One FastAPI app: the OpenAI-compatible routes first, then the Gradio page mounted at /."""
+    server = FastAPI(title="Qwen All-in-One (GGUF)", docs_url=None, redoc_url=None, openapi_url=None)
+    server.include_router(build_router(lambda: slot.bot, lambda: Path(slot.current()).name, api_key=api_key,
+                                       is_ready=slot.ready.is_set))
+    demo = build_app(slot)
+    demo.queue(default_concurrency_limit=1, max_size=64)
+    # Nothing that reaches out: no share tunnel, no node SSR server, no MCP, no PWA, no run history.
+    return gr.mount_gradio_app(server, demo, path="/", ssr_mode=False, mcp_server=False, pwa=False,
+                               run_history=False, footer_links=["api", "settings"])
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    log.addHandler(logging.StreamHandler(sys.stdout))  # model loads, one line each, for the operator
-    log.setLevel(logging.INFO)
-    if not is_loopback(args.host):
-        print(f"warning: binding to {args.host}: the app has no login, anyone who can reach this port can use it",
-              file=sys.stderr)
+    for name in ("app", "allinone_gguf.faces.openai_api"):   # loads, finished and cancelled replies, one line each
+        logging.getLogger(name).addHandler(logging.StreamHandler(sys.stdout))
+        logging.getLogger(name).setLevel(logging.INFO)
+    if not is_loopback(args.host) and not args.api_key:
+        print(f"warning: binding to {args.host}: the app has no login and no --api-key, anyone who can reach this "
+              "port can use it", file=sys.stderr)
     try:
-        slot = ModelSlot(args.model, args.models_dir, Settings(n_threads=args.n_threads, n_ctx=args.n_ctx))
+        slot = ModelSlot(args.model, args.models_dir,
+                         Settings(n_threads=args.n_threads, n_ctx=args.n_ctx, parallel=args.parallel,
+                                  max_queue=args.max_queue))
     except (ModelLoadError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    demo = build_app(slot)
-    demo.queue(default_concurrency_limit=1, max_size=64)
-    try:
-        # Nothing that reaches out: no share tunnel, no node SSR server, no MCP, no PWA, no run history.
-        demo.launch(server_name=args.host, server_port=args.port, share=False, quiet=True, prevent_thread_lock=True,
-                    ssr_mode=False, mcp_server=False, pwa=False, run_history=False,
-                    footer_links=["api", "settings"])
-    except OSError as e:  # port taken
-        print(f"error: cannot listen on {args.host}:{args.port}: {e}", file=sys.stderr)
+    config = uvicorn.Config(build_server(slot, args.api_key), host=args.host, port=args.port, log_level="warning",
+                            timeout_graceful_shutdown=2)
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started and thread.is_alive():
+        time.sleep(0.05)
+    if not server.started:      # port taken, or no such address
+        print(f"error: cannot listen on {args.host}:{args.port} (see above)", file=sys.stderr)
+        slot.bot.close()
         return 2
-    print(f"Qwen All-in-One is ready: {demo.local_url}", flush=True)
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    print(f"Qwen All-in-One is ready: http://{host}:{args.port}/ (OpenAI-compatible API at /v1)", flush=True)
     try:
-        demo.block_thread()
+        while thread.is_alive():
+            thread.join(0.5)
+    except KeyboardInterrupt:
+        server.should_exit = True
+        thread.join(5)
     finally:
         slot.bot.close()
     return 0

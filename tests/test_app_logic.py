@@ -39,8 +39,10 @@ class FakeBot:
         pos, neg = self.label_set(labels)
         return FakeSentiment(neg, 0.75, {pos: 0.25, neg: 0.75}, True)
 
-    def stream_reply(self, text, history=None, sentiment=None, temperature=None, max_tokens=None, seed=None):
-        self.calls.append(dict(text=text, history=history, temperature=temperature, max_tokens=max_tokens))
+    def stream_reply(self, text, history=None, sentiment=None, temperature=None, max_tokens=None, seed=None,
+                     conversation=None):
+        self.calls.append(dict(text=text, history=history, temperature=temperature, max_tokens=max_tokens,
+                               conversation=conversation))
         try:
             yield from self.pieces
         finally:
@@ -81,15 +83,23 @@ def test_switch_refuses_files_outside_the_models_folder(models, tmp_path):
     assert len(FakeBot.loads) == 1
 
 
+def session_with(chat, *pending) -> app.Session:
+    session = app.Session()
+    session.chat = list(chat)
+    session.pending.extend(pending)
+    return session
+
+
 def test_a_turn_shows_the_badge_first_then_streams_with_clean_history(models, tmp_path, monkeypatch):
     monkeypatch.setattr(app, "REFRESH_S", 0.0)  # one chat update per piece
     slot = app.ModelSlot(models["Q4_K_M"], tmp_path / "m", settings=None)
     earlier = [{"role": "user", "content": [{"type": "text", "text": "早上好"}]},
                {"role": "assistant", "content": badge("正面", 0.9, False) + "\n\n早！"}]
-    chat = earlier + [{"role": "user", "content": "考试没过"}]
-    steps = list(app.answer(slot, chat, [], "zh", 0.5, 64.0))
+    session = session_with(earlier, "考试没过")
+    steps = list(app.answer(slot, session, [], "zh", 0.5, 64.0))
     first_chat, mood, svg, status = steps[0]
     assert first_chat[-1] == {"role": "assistant", "content": "😢 LLM 情感判断: 负面 (置信度 75%)"}
+    assert first_chat[-2] == {"role": "user", "content": "考试没过"}
     assert mood == [{"turn": 1, "mood": -0.5, "label": "负面"}] and 'data-label="负面"' in svg
     assert status == app.REPLYING
     streamed = [s[0][-1]["content"] for s in steps[1:]]
@@ -98,29 +108,53 @@ def test_a_turn_shows_the_badge_first_then_streams_with_clean_history(models, tm
     call = slot.bot.calls[0]
     assert call["text"] == "考试没过" and call["max_tokens"] == 64 and isinstance(call["max_tokens"], int)
     assert call["history"] == [{"role": "user", "content": "早上好"}, {"role": "assistant", "content": "早！"}]
+    assert call["conversation"] == session.conversation
 
 
 def test_chat_updates_are_throttled_but_the_first_piece_and_the_end_always_show(models, tmp_path, monkeypatch):
     monkeypatch.setattr(app, "REFRESH_S", 3600.0)
     slot = app.ModelSlot(models["Q4_K_M"], tmp_path / "m", settings=None)
-    steps = list(app.answer(slot, [{"role": "user", "content": "hi"}], [], "zh", 0.7, 32))
+    steps = list(app.answer(slot, session_with([], "hi"), [], "zh", 0.7, 32))
     assert [BADGE_RE.sub("", s[0][-1]["content"]) for s in steps[1:]] == ["你", "你好呀！"]
 
 
-def test_stop_closes_the_runtime_stream(models, tmp_path):
+def test_a_message_sent_during_a_reply_waits_in_view_and_is_answered_next(models, tmp_path, monkeypatch):
+    monkeypatch.setattr(app, "REFRESH_S", 0.0)
+    slot = app.ModelSlot(models["Q4_K_M"], tmp_path / "m", settings=None)
+    session = app.Session()
+    app.add_user("再说一遍好吗？", session)
+    turn = app.answer(slot, session, [], "zh", 0.7, 32)
+    next(turn), next(turn)                                   # badge, first piece of the first reply
+    box, shown, status = app.add_user("我又发了一条。", session)  # typed while the reply streams
+    assert box == "" and shown[-1] == {"role": "user", "content": "我又发了一条。"} and app.QUEUED in status
+    assert list(app.answer(slot, session, [], "zh", 0.7, 32)) == []    # a second answer leaves it to the first
+    steps = list(turn)
+    users = [m["content"] for m in steps[-1][0] if m["role"] == "user"]
+    assert users == ["再说一遍好吗？", "我又发了一条。"]
+    assert [c["text"] for c in slot.bot.calls] == ["再说一遍好吗？", "我又发了一条。"]
+    assert slot.bot.calls[1]["history"][0] == {"role": "user", "content": "再说一遍好吗？"}
+    assert not session.pending and not session.running
+
+
+def test_stop_closes_the_runtime_stream_and_gives_waiting_messages_back(models, tmp_path):
     """Gradio's cancel calls close() on the turn's generator; the model's stream must be closed with it."""
     slot = app.ModelSlot(models["Q4_K_M"], tmp_path / "m", settings=None)
-    turn = app.answer(slot, [{"role": "user", "content": "hi"}], [], "en", 0.7, 32)
+    session = session_with([], "hi")
+    turn = app.answer(slot, session, [], "en", 0.7, 32)
     next(turn), next(turn)  # badge, first piece
+    app.add_user("one more", session)
     assert not slot.bot.stream_closed
     turn.close()
-    assert slot.bot.stream_closed
+    assert slot.bot.stream_closed and not session.running
+    box, shown, status = app.stop_turn(session)
+    assert box == "one more" and status == app.STOPPED and not session.pending
 
 
 def test_empty_messages_are_refused_before_the_queue():
+    session = app.Session()
     with pytest.raises(gr.Error):
-        app.add_user("   ", [])
-    assert app.add_user(" hi ", []) == ("", [{"role": "user", "content": "hi"}], app.WAITING)
+        app.add_user("   ", session)
+    assert app.add_user(" hi ", session) == ("", [{"role": "user", "content": "hi"}], app.WAITING)
 
 
 def test_cli_defaults_come_from_the_settings_dataclasses():

@@ -195,7 +195,9 @@ def test_stop_ends_the_reply_and_the_model_is_free_again(open_page, server):
         pytest.fail("the reply finished before Stop in all 3 tries")
     stopped = wait_stable(lambda: last_bot_text(page))
     check_badge(stopped)
-    assert not any(s.endswith("done") for s in page.evaluate("window.__status")), "reply finished before Stop"
+    statuses = page.evaluate("window.__status")
+    statuses = statuses[next(i for i, s in enumerate(statuses) if "waiting" in s):]   # this attempt's turn
+    assert not any(s.endswith("done") for s in statuses), f"reply finished before Stop: {statuses}"
     shot(page, "browser-stop.png")
 
     send(page, "那就下次再讲吧")  # the stopped stream must have released the model
@@ -219,8 +221,9 @@ def test_switching_the_model_reloads_once(open_page, server, tiny_models):
     loads = [line for line in server.output().splitlines() if line.startswith("loaded ")]
     assert len(loads) == loads_before + 1 and loads[-1].endswith(target)
     # another session opened now sees the model that is loaded
-    other = open_page()
-    assert target in other.inner_text("#model-status")
+    other = open_page()       # the page's load event fills in the model that is loaded now
+    other.wait_for_function("t => document.querySelector('#model-status').innerText.includes(t)", arg=target,
+                            timeout=30_000)
     assert target in other.input_value("#model input")
 
 
@@ -243,3 +246,26 @@ def test_eight_sessions_at_once_each_get_their_own_turn(open_page, server):
     shot(pages[0], "browser-sessions.png")
     assert server.alive()
 
+
+
+def test_a_message_sent_during_a_reply_is_queued_not_lost(open_page):
+    """Issue 13, bug 5: a second message typed 0.3 s after the first, while it is answered, must not vanish."""
+    page = open_page()
+    page.fill("#max-tokens input[type=number]", "64")
+    page.press("#max-tokens input[type=number]", "Enter")
+    send(page, "再说一遍好吗？")
+    page.wait_for_function("() => window.__texts.some(t => t.includes('%)'))")    # the first turn is running
+    time.sleep(0.3)
+    page.fill("#message textarea", "我又发了一条。")
+    page.press("#message textarea", "Enter")
+    users = page.locator('#chat [data-testid="user"]')
+    wait_until(lambda: users.all_inner_texts() == ["再说一遍好吗？", "我又发了一条。"],
+               f"the second message is not shown: {users.all_inner_texts()}", timeout=10)
+    wait_until(lambda: page.locator('#chat [data-testid="bot"]').count() == 2 and
+               "done" in page.inner_text("#turn-status"), "the second message was not answered", timeout=120)
+    wait_stable(lambda: last_bot_text(page))
+    assert users.all_inner_texts() == ["再说一遍好吗？", "我又发了一条。"]
+    for bot in page.locator('#chat [data-testid="bot"]').all():
+        check_badge(bot.inner_text())
+    assert page.input_value("#message textarea") == ""
+    shot(page, "browser-queued-message.png")

@@ -216,6 +216,11 @@ class AllInOne:
         return {**perf, "batches": self._worker.steps, **self._worker.load}
 
     @property
+    def load(self) -> dict:
+        """What the worker has now: requests waiting, replies streaming, slots (no trip through the queue)."""
+        return self._worker.load
+
+    @property
     def n_ctx(self) -> int:
         return self._worker.backend.n_ctx
 
