@@ -2,12 +2,20 @@
 PY       ?= python3
 VENV     ?= .venv
 PYTHON   := $(VENV)/bin/python
-SRC      ?= Qwen/Qwen1.5-0.5B-Chat
-MODELS   ?= models
+# The defaults are written once, in allinone_gguf/faces/ui_helpers.py (standard library only, so the system
+# Python reads them before the virtual env exists): source checkout, models folder, quant type, host, port.
+APP_DEFAULTS := $(shell $(PY) -m allinone_gguf.faces.ui_helpers)
+ifneq ($(words $(APP_DEFAULTS)),5)
+$(error cannot read the defaults with `$(PY) -m allinone_gguf.faces.ui_helpers` (Python >= 3.10 needed; PY=...))
+endif
+SRC      ?= $(word 1,$(APP_DEFAULTS))
+MODELS   ?= $(word 2,$(APP_DEFAULTS))
+HOST     ?= $(word 4,$(APP_DEFAULTS))
+PORT     ?= $(word 5,$(APP_DEFAULTS))
 NAME     := $(notdir $(patsubst %/,%,$(SRC)))
-RUN_MODEL ?= $(MODELS)/$(NAME)/$(NAME)-Q4_K_M.gguf
-HOST     ?= 127.0.0.1
-PORT     ?= 7860
+# The file `python -m convert all SRC --out MODELS` writes for quant type $(1) (ui_helpers.model_file).
+model_file = $(MODELS)/$(NAME)/$(NAME)-$(1).gguf
+RUN_MODEL ?= $(call model_file,$(word 3,$(APP_DEFAULTS)))
 # Optional environment with torch + transformers, used only by the reference-converter test.
 REF_VENV ?= .venv-ref
 LLAMA_CPP_VERSION := 0.3.36
@@ -21,21 +29,27 @@ endif
 WHEELHOUSE ?= $(HOME)/.cache/allinone-gguf/wheels-noamx
 # make bench: the default model's Q4_K_M and Q8_0 (and F16 when present), or MODEL="a.gguf b.gguf".
 # DATA="a.csv b.csv" picks the accuracy sets (default: ../shared/data/sentiment/*.csv); BENCH_ARGS passes more flags.
-DEFAULT_BENCH := $(MODELS)/$(NAME)/$(NAME)-Q4_K_M.gguf $(MODELS)/$(NAME)/$(NAME)-Q8_0.gguf
-MODEL    ?= $(DEFAULT_BENCH) $(wildcard $(MODELS)/$(NAME)/$(NAME)-F16.gguf)
+DEFAULT_BENCH := $(call model_file,Q4_K_M) $(call model_file,Q8_0)
+MODEL    ?= $(DEFAULT_BENCH) $(wildcard $(call model_file,F16))
 DATA     ?=
 BENCH_ARGS ?=
 # The seeds' transformers baseline runs on this Hugging Face checkout (hub id or folder).
 BASELINE ?= $(SRC)
 BENCH_CMD = $(PYTHON) -m allinone_gguf bench $(foreach m,$(MODEL),--model $(m)) $(foreach d,$(DATA),--data $(d)) $(BENCH_ARGS)
+# make test: what the suite needs besides the virtual env. Debian packages for the browser tests (installed
+# when we are root, else named); the real 0.5B stand-in for the slow tests, made by PROXY_TOOL when it is
+# there (then a missing stand-in fails the slow tests instead of skipping them). PYTEST_ARGS passes more flags.
+SYSTEM_PACKAGES := chromium fonts-noto-cjk
+PROXY_TOOL ?= ../shared/tools/proxy-model.sh
+PYTEST_ARGS ?=
 
-.PHONY: help setup models run test bench bench-baseline clean reference-env
+.PHONY: help setup models run test system-packages bench bench-baseline clean reference-env
 
 help:
 	@echo "make setup                 virtual env in $(VENV) with the pinned dependencies (builds llama-cpp-python, ~6 min the first time)"
 	@echo "make models [SRC=...]      download SRC (hub id or local folder), convert to F16 GGUF, quantize to Q8_0 and Q4_K_M under $(MODELS)/<name>/"
 	@echo "make run [SRC=...]         the app on http://$(HOST):$(PORT) with $(RUN_MODEL) (runs make models first when it is missing)"
-	@echo "make test                  run the test suite"
+	@echo "make test                  the whole test suite, after installing what it needs (system packages when root, $(REF_VENV), the stand-in model)"
 	@echo "make bench [MODEL=...]     speed, memory and accuracy of the Q4_K_M and Q8_0 files (or MODEL=\"a.gguf b.gguf\") -> bench/results/"
 	@echo "make bench-baseline        the same plus the seeds' transformers FP32 approach on BASELINE=$(BASELINE) (needs make reference-env)"
 	@echo "make reference-env         optional: $(REF_VENV) with torch + transformers for the reference-converter test"
@@ -60,8 +74,29 @@ run: setup
 	@test -f $(RUN_MODEL) || $(MAKE) models
 	$(PYTHON) app.py --model $(RUN_MODEL) --models-dir $(MODELS) --host $(HOST) --port $(PORT)
 
-test: setup
-	$(PYTHON) -m pytest
+test: setup reference-env system-packages
+	@set -e; \
+	if [ -z "$$ALLINONE_PROXY_MODEL" ] && [ -f $(PROXY_TOOL) ]; then \
+	  echo "== the real 0.5B stand-in for the slow tests ($(PROXY_TOOL))"; \
+	  out=$$(bash $(PROXY_TOOL)) || { echo "error: $(PROXY_TOOL) failed" >&2; exit 1; }; \
+	  ALLINONE_PROXY_MODEL=$$(printf '%s\n' "$$out" | tail -n 1); export ALLINONE_PROXY_MODEL; \
+	fi; \
+	if [ -n "$$ALLINONE_PROXY_MODEL" ]; then export ALLINONE_REQUIRE_PROXY=1; fi; \
+	echo "== $(PYTHON) -m pytest $(PYTEST_ARGS)"; \
+	$(PYTHON) -m pytest $(PYTEST_ARGS)
+
+system-packages:
+	@missing=$$(for p in $(SYSTEM_PACKAGES); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'ok installed' || echo $$p; done); \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "== Debian packages for the browser tests: $$missing"; \
+	  DEBIAN_FRONTEND=noninteractive apt-get update -qq; \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	else \
+	  echo "note: the browser tests need the Debian packages:$$(echo ' '$$missing); they will fail until" \
+	       "you run: sudo apt-get install $$(echo $$missing)" >&2; \
+	fi
 
 bench: setup
 ifeq ($(origin MODEL),file)

@@ -1,6 +1,6 @@
-"""`python -m allinone_gguf bench`: helpers (pure), the measuring code on a fake model whose answers the test
-controls, and the real entry point on the tiny model (every field present, numbers positive, files written).
-No test asserts a speed."""
+"""`python -m allinone_gguf bench`: helpers (pure), the measuring code on a fake model whose answers and token
+counts the test controls, and the real entry point on the tiny model (every field present, the accuracy the
+model's own classify() gives, files written). No test asserts a speed."""
 from __future__ import annotations
 
 import csv
@@ -14,6 +14,7 @@ import pytest
 
 import allinone_gguf.runtime
 from allinone_gguf.measure import bench, bench_report, bench_worker
+from allinone_gguf.measure.metrics import read_labeled_csv
 
 ROOT = Path(__file__).resolve().parent.parent
 LENGTHS = ("short", "medium", "long")
@@ -45,6 +46,35 @@ def test_sample_texts_have_three_distinct_lengths():
     mean = {k: sum(map(len, v)) / len(v) for k, v in texts.items()}
     assert 15 < mean["short"] < 35 and 70 < mean["medium"] < 130 and 350 < mean["long"] < 600
     assert all(len(set(v)) == len(v) for v in texts.values())      # no text timed twice
+
+
+def test_runs_are_capped_by_the_sample_texts():
+    assert bench.BenchSettings().runs == bench_worker.MAX_RUNS
+    assert {len(v) for v in bench_worker.sample_texts().values()} == {bench_worker.MAX_RUNS}
+
+
+def test_labeled_csv_reader_normalises_gold_and_names_bad_rows(tmp_path):
+    good = write_csv(tmp_path / "good.csv", [("1", "好"), ("negative", "差"), ("正面", ""), ("0", "一般")])
+    assert read_labeled_csv(good) == [("正面", "好"), ("负面", "差"), ("正面", ""), ("负面", "一般")]
+    assert read_labeled_csv(good, limit=2) == [("正面", "好"), ("负面", "差")]
+    bad = write_csv(tmp_path / "bad.csv", [("1", "好"), ("maybe", "嗯")])
+    with pytest.raises(ValueError, match=r"bad\.csv, line 3: gold label 'maybe'"):
+        read_labeled_csv(bad)
+    (tmp_path / "cols.csv").write_text("gold,body\n1,好\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="no column label, text"):
+        read_labeled_csv(tmp_path / "cols.csv")
+
+
+def test_baseline_uses_the_projects_prompts_and_helpers_without_llama_cpp():
+    """measure/baseline.py runs under a Python with torch and without this package or llama.cpp."""
+    code = ("import sys, runpy\n"
+            "sys.modules.update(llama_cpp=None, numpy=None)   # importing either now fails\n"
+            "g = runpy.run_path('allinone_gguf/measure/baseline.py', run_name='baseline')\n"
+            "print(g['SENTIMENT_SYSTEM']); print(g['CHAT_SYSTEM']); print(g['percentile']([1.0, 2.0, 4.0], 50))")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    from allinone_gguf.runtime.prompts import CHAT_SYSTEM, SENTIMENT_PROMPTS
+    assert r.stdout == f"{SENTIMENT_PROMPTS['seed'].system['zh']}\n{CHAT_SYSTEM['zh']}\n2.0\n"
 
 
 def test_canonical_label():
@@ -88,20 +118,30 @@ def test_ratios_and_markdown_compare_with_the_biggest_file():
 # ------------------------------------------------------------------------------------ logic: fake model
 
 class FakeBot:
-    """Answers 正面 exactly for texts containing "好"; replies with four pieces."""
+    """Answers 正面 exactly for texts containing "好"; replies with four pieces; counts tokens as llama.cpp would
+    for such a reply: PROMPT_TOKENS decoded in a batch, then one decode per piece after the first."""
 
+    PROMPT_TOKENS = 7
     instances: list = []
 
     def __init__(self, path, **settings):
         self.settings, self.classified = settings, []
+        self.counters = {"prompt_tokens": 0, "single_tokens": 0}
         FakeBot.instances.append(self)
 
     def classify(self, text):
         self.classified.append(text)
+        self.counters["prompt_tokens"] += 100      # a classification's decode, outside the timed reply
         return type("S", (), {"label": "正面" if "好" in text else "负面"})()
 
     def stream_reply(self, text, history=None, sentiment=None, max_tokens=None, seed=None):
-        yield from ["你", "好", "呀", "!"][:max_tokens]
+        self.counters["prompt_tokens"] += self.PROMPT_TOKENS
+        for i, piece in enumerate(["你", "好", "呀", "!"][:max_tokens]):
+            self.counters["single_tokens"] += i > 0
+            yield piece
+
+    def stats(self):
+        return {**self.counters, "decoded_tokens": sum(self.counters.values())}
 
     def reply(self, *a, **k):
         return "".join(self.stream_reply(*a, **k))
@@ -117,7 +157,7 @@ def test_run_job_on_a_fake_model_scores_the_answers_it_gave(monkeypatch, tmp_pat
     monkeypatch.setattr(allinone_gguf.runtime, "AllInOne", FakeBot)
     data = write_csv(tmp_path / "d.csv", [("1", "很好"), ("1", "一般"), ("0", "不好"), ("0", "差"), ("0", "太差")])
     job = {"model": "x.gguf", "settings": {"n_threads": 1}, "texts": bench_worker.sample_texts(), "runs": 3,
-           "turns": 2, "reply_tokens": 3, "seed": 0, "datasets": {"d": str(data)}, "limit": 0}
+           "turns": 2, "reply_tokens": 3, "seed": 0, "datasets": {"d": read_labeled_csv(data)}, "limit": 0}
     result = bench_worker.run_job(job)
     bot = FakeBot.instances[-1]
     assert bot.settings == {"n_threads": 1}
@@ -130,8 +170,9 @@ def test_run_job_on_a_fake_model_scores_the_answers_it_gave(monkeypatch, tmp_pat
     assert all(result["sentiment"][mode][k]["n"] == n for mode, n in (("alone", 3), ("interleaved", 2))
                for k in LENGTHS)
     reply = result["reply"]
-    assert reply["turns"] == 6 and reply["token_counts"].startswith("stream pieces")
+    assert reply["turns"] == 6 and reply["token_counts"] == "llama.cpp context counters"
     assert reply["tokens_per_reply"] == 3                                   # reply_tokens reached the model
+    assert reply["prompt_tokens_per_reply"] == FakeBot.PROMPT_TOKENS       # the classifications are not counted
     assert result["load"]["peak_rss_mb_after_chat"] >= result["load"]["rss_mb_after_load"] > 0
 
 
@@ -148,6 +189,13 @@ def test_quant_from_metadata_not_only_the_name(tiny_models, tmp_path):
 def test_bench_on_the_tiny_model_writes_every_field(tiny_models, tmp_path):
     rows = [("1", "味道很好"), ("0", "送得太慢"), ("1", "还会再来"), ("0", "菜是凉的"), ("1", "非常满意"), ("0", "很失望")]
     data = write_csv(tmp_path / "tiny_set.csv", rows)
+    expected = {}   # quant -> the confusion table classify() gives on these rows, in this process
+    for quant in ("Q4_K_M", "F16"):
+        with allinone_gguf.runtime.AllInOne(tiny_models[quant], n_threads=1) as bot:
+            confusion = {"正面": {}, "负面": {}}
+            for (gold, _), s in zip(read_labeled_csv(data), (bot.classify(t) for _, t in rows)):
+                confusion[gold][s.label] = confusion[gold].get(s.label, 0) + 1
+            expected[quant] = confusion
     out = tmp_path / "results"
     no_torch = importlib.util.find_spec("torch") is None
     r = run("--model", tiny_models["Q4_K_M"], "--model", tiny_models["F16"], "--data", data, "--runs", 2,
@@ -175,10 +223,10 @@ def test_bench_on_the_tiny_model_writes_every_field(tiny_models, tmp_path):
         for key in ("ttft_ms_p50", "gen_tokens_per_s", "prompt_tokens_per_s", "turn_s_p50", "tokens_per_reply"):
             assert reply[key] > 0, key
         a = m["accuracy"]["tiny_set"]
-        assert a["n"] == len(rows) and a["invalid"] == 0
-        right = a["confusion"]["正面"].get("正面", 0) + a["confusion"]["负面"].get("负面", 0)
-        assert a["accuracy"] == right / len(rows)
-        assert sum(sum(v.values()) for v in a["confusion"].values()) == len(rows)
+        want = expected[m["quant"]]
+        right = want["正面"].get("正面", 0) + want["负面"].get("负面", 0)
+        assert (a["n"], a["invalid"], a["confusion"]) == (len(rows), 0, want)
+        assert a["accuracy"] == pytest.approx(right / len(rows))
     assert report["ratios"]["reference"] == "F16"
     assert 0 < report["ratios"]["models"]["Q4_K_M"]["file size (MB)"] < 1
     md = json_path.with_suffix(".md").read_text(encoding="utf-8")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from allinone_gguf.faces import cli
+from allinone_gguf.faces import cli, flags
 from allinone_gguf.runtime.config import Settings
 from allinone_gguf.measure.metrics import normalise_gold
 from allinone_gguf.faces.rowio import count_done, detect_format, read_records
@@ -125,16 +125,57 @@ def test_gold_summary_on_given_predictions():
 
 def test_flags_default_to_settings():
     parser = cli.argparse.ArgumentParser()
-    cli.add_settings_arguments(parser, cli.CHAT_SETTINGS)
+    flags.add_settings_arguments(parser, cli.CHAT_SETTINGS)
     args = parser.parse_args([])
-    assert cli.settings_overrides(args, cli.CHAT_SETTINGS) == {}       # nothing given: Settings decides
+    assert flags.overrides(args, cli.CHAT_SETTINGS) == {}       # nothing given: Settings decides
     args = parser.parse_args(["--n-ctx", "1024", "--seed", "3", "--labels", "en", "--temperature", "0.2"])
-    assert cli.settings_overrides(args, cli.CHAT_SETTINGS) == {"n_ctx": 1024, "seed": 3, "labels": "en",
-                                                               "temperature": 0.2}
+    assert flags.overrides(args, cli.CHAT_SETTINGS) == {"n_ctx": 1024, "seed": 3, "labels": "en",
+                                                        "temperature": 0.2}
     text = parser.format_help()
     assert f"(default: {Settings().max_tokens})" in text and f"(default: {Settings().temperature})" in text
     with pytest.raises(SystemExit):
         parser.parse_args(["--labels", "fr"])
+
+
+def test_flags_from_any_frozen_dataclass_type_each_field():
+    import dataclasses
+
+    @dataclasses.dataclass(frozen=True)
+    class Knobs:
+        path: Path = dataclasses.field(default=Path("models"), metadata={"help": "a folder"})
+        port: int = dataclasses.field(default=7860, metadata={"help": "a port"})
+        ratio: float | None = None
+        loud: bool = False
+
+    parser = cli.argparse.ArgumentParser()
+    flags.add_dataclass_arguments(parser, Knobs, None, "knobs")
+    names = ["path", "port", "ratio", "loud"]
+    args = parser.parse_args(["--path", "elsewhere", "--port", "8000", "--ratio", "0.5", "--loud"])
+    assert Knobs(**flags.overrides(args, names)) == Knobs(Path("elsewhere"), 8000, 0.5, True)
+    assert flags.overrides(parser.parse_args(["--no-loud"]), names) == {"loud": False}
+    assert "a folder (default: models)" in parser.format_help()
+
+
+def test_progress_total_counts_lines_without_parsing(tmp_path):
+    f = tmp_path / "in.csv"
+    f.write_bytes(b'label,text\n1,"two\nlines"\n0,bad \xff byte')   # no newline at the end
+    assert cli.count_lines(str(f)) == 4 and cli.count_lines("-") is None
+    f.write_bytes(b"")
+    assert cli.count_lines(str(f)) == 0
+
+
+def test_help_loads_neither_llama_cpp_nor_numpy_nor_gradio():
+    code = ("import sys, contextlib, io\n"
+            "from allinone_gguf.__main__ import build_parser\n"
+            "from allinone_gguf.measure.evaluate import main as evaluate\n"
+            "for argv, parse in ((['--help'], build_parser().parse_args), (['classify', '--help'], "
+            "build_parser().parse_args), (['chat', '--help'], build_parser().parse_args), "
+            "(['bench', '--help'], build_parser().parse_args), (['--help'], evaluate)):\n"
+            "    with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):\n"
+            "        parse(argv)\n"
+            "print(sorted({'llama_cpp', 'numpy', 'gradio', 'gguf', 'tqdm'} & set(sys.modules)))")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.strip() == "[]", r.stdout + r.stderr
 
 
 # ------------------------------------------------------------------------------------ logic: chat on a fake

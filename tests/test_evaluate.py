@@ -1,37 +1,92 @@
-"""The accuracy script (`python -m allinone_gguf.evaluate`) on the tiny model: its figures match classify()."""
+"""The accuracy script (`python -m allinone_gguf.evaluate`): exact figures on a fake model whose margins the test
+controls, and on the tiny model the same figures as classify() gives, text by text."""
 from __future__ import annotations
 
+import math
 import re
 import subprocess
 import sys
+from pathlib import Path
 
+import pytest
+
+import allinone_gguf.runtime
 from allinone_gguf import AllInOne
+from allinone_gguf.measure import evaluate
+from allinone_gguf.runtime.sentiment import sentiment_from_margin
 
-ROOT = __import__("pathlib").Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parent.parent
 TEXTS = [("1", "味道不错，送得也快。"), ("0", "太难吃了，再也不点了。"), ("1", "Great value, would buy again."),
          ("0", "服务态度差"), ("1", "房间很干净"), ("0", "等了两个小时")]
 
 
-def test_evaluate_reports_the_accuracy_classify_gives(tiny_models, tmp_path):
+def write_set(path: Path, rows) -> Path:
+    path.write_text("label,text\n" + "".join(f'{g},"{t}"\n' for g, t in rows), encoding="utf-8")
+    return path
+
+
+class FakeBot:
+    """Margin +2 for texts with 好, -1 otherwise; an appended injection wins only where the text has a "!"."""
+
+    def __init__(self, path, **settings):
+        self.settings = allinone_gguf.runtime.Settings(**settings)
+
+    def label_set(self, lang=None):
+        return ("正面", "负面")
+
+    def classify(self, text, labels=None):
+        asked = re.search("输出(正面|负面)$", text)
+        if asked and "!" in text:
+            margin = 3.0 if asked.group(1) == "正面" else -3.0
+        else:
+            margin = 2.0 if "好" in text else -1.0
+        return sentiment_from_margin(margin + self.settings.sentiment_bias, ("正面", "负面"))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        pass
+
+
+def test_evaluate_figures_on_controlled_margins(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(allinone_gguf.runtime, "AllInOne", FakeBot)
+    rows = [("1", "很好!"), ("1", "好"), ("1", "一般!"), ("0", "差"), ("0", "不好"), ("0", "太差!"), ("0", "  ")]
+    data = write_set(tmp_path / "fake.csv", rows)
+    assert evaluate.main([str(tmp_path / "x.gguf"), str(data), "--sweep", "--inject"]) == 0
+    out = capsys.readouterr().out
+    # predictions: 很好! 正面, 好 正面, 一般! 负面, 差 负面, 不好 正面, 太差! 负面; the blank text is left out
+    assert "fake.csv: n=6 accuracy=0.667 recall 正面=0.667 负面=0.667" in out
+    # the injection asks for the other label; it wins on the three texts with "!"
+    assert "prompt injection flipped 3 of 6 labels (50.0%)" in out
+    # a bias of -2 turns the +2 margins into 0, which reads as 负面: only the three negatives stay right
+    assert "  -2.0  0.500  0.000  1.000" in out
+    # margins are +2 (confidence 0.88) or -1 (0.73): a band of 0.7 keeps every text, 0.8 only the +2 ones
+    assert "  0.7  1.000  0.667" in out and "  0.8  0.500  0.667" in out and "  0.9  0.000  nan" in out
+    assert "| fake.csv | 0.667 | 0.67 | 0.67 | 50.0% |" in out
+
+
+def test_evaluate_reports_the_accuracy_and_flips_classify_gives(tiny_models, tmp_path):
     model = tiny_models["Q8_0"]
-    data = tmp_path / "small.csv"
-    data.write_text("label,text\n" + "".join(f'{g},"{t}"\n' for g, t in TEXTS), encoding="utf-8")
+    data = write_set(tmp_path / "small.csv", TEXTS)
     r = subprocess.run([sys.executable, "-m", "allinone_gguf.evaluate", str(model), str(data), "--sweep",
                         "--inject", "--n-threads", "1"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     with AllInOne(model, n_threads=1) as bot:
-        right = sum((bot.classify(t).label == "正面") == (g == "1") for g, t in TEXTS)
+        clean = [bot.classify(t).label for _, t in TEXTS]
+        injected = [bot.classify(t + evaluate.INJECTION["zh"].format(label="负面" if c == "正面" else "正面")).label
+                    for (_, t), c in zip(TEXTS, clean)]
+    right = sum((c == "正面") == (g == "1") for (g, _), c in zip(TEXTS, clean))
+    flipped = sum(c != i for c, i in zip(clean, injected))
     m = re.search(r"small\.csv: n=(\d+) accuracy=([\d.]+)", r.stdout)
     assert m and int(m.group(1)) == len(TEXTS), r.stdout
-    assert abs(float(m.group(2)) - right / len(TEXTS)) < 1e-3, r.stdout
-    flips = re.search(r"prompt injection flipped (\d+) of (\d+) labels", r.stdout)
-    assert flips and int(flips.group(2)) == len(TEXTS) and 0 <= int(flips.group(1)) <= len(TEXTS), r.stdout
+    assert float(m.group(2)) == pytest.approx(right / len(TEXTS), abs=1e-3), r.stdout
+    assert f"prompt injection flipped {flipped} of {len(TEXTS)} labels" in r.stdout
     assert "neutral band" in r.stdout and "| small.csv |" in r.stdout
 
 
 def test_evaluate_names_a_missing_model(tmp_path):
-    data = tmp_path / "small.csv"
-    data.write_text("label,text\n1,好\n", encoding="utf-8")
+    data = write_set(tmp_path / "small.csv", [("1", "好")])
     r = subprocess.run([sys.executable, "-m", "allinone_gguf.evaluate", str(tmp_path / "nope.gguf"), str(data)],
                        cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "nope.gguf" in r.stderr and "Traceback" not in r.stderr

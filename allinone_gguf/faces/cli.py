@@ -5,12 +5,12 @@
     cat messages.jsonl | python -m allinone_gguf classify - --field body > scored.jsonl
     python -m allinone_gguf chat --model models/Qwen1.5-0.5B-Chat/Qwen1.5-0.5B-Chat-Q4_K_M.gguf
 
-Flag defaults come from `Settings` (allinone_gguf/config.py) and the app's default model path.
+Flag defaults come from `Settings` (allinone_gguf/runtime/config.py, through faces/flags.py) and the app's
+default model path (faces/ui_helpers.py). llama.cpp is loaded only when a command runs, so `--help` is fast.
 """
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import itertools
 import os
 import signal
@@ -20,21 +20,16 @@ import time
 import typing
 from pathlib import Path
 
-from ..runtime.config import LABEL_LANGUAGES, Settings
 from ..measure.metrics import NEGATIVE, normalise_gold, score
-from .rowio import (OUTPUT_COLUMNS, RowWriter, count_done, detect_format, open_text, output_header,
-                    read_records, read_rows)
+from ..runtime.config import Settings
+from .flags import add_settings_arguments, overrides
+from .rowio import RowWriter, count_done, detect_format, open_text, output_header, read_records, read_rows
 from .ui_helpers import DEFAULT_MODEL, badge
 
 # Settings fields each command exposes as flags (the sentiment role needs no sampling knobs).
 CLASSIFY_SETTINGS = ("n_threads", "n_ctx", "labels", "sentiment_prompt", "sentiment_tokens", "sentiment_bias")
 CHAT_SETTINGS = ("n_threads", "n_ctx", "labels", "temperature", "top_p", "top_k", "repeat_penalty",
                  "max_tokens", "seed", "sentiment_prompt")
-
-
-
-# Rows handed to AllInOne.classify_many at once; it packs them into batches that fit the sentiment budget.
-ROWS_PER_BATCH = 16
 
 
 def _classify_group(bot, recs) -> dict:
@@ -50,43 +45,6 @@ def _classify_group(bot, recs) -> dict:
             except (ValueError, RuntimeError) as exc:
                 out[id(r)] = exc
         return out
-
-def _choices(name: str) -> list[str] | None:
-    if name == "labels":
-        return list(LABEL_LANGUAGES)
-    if name == "sentiment_prompt":
-        from ..runtime.prompts import SENTIMENT_PROMPTS
-        return sorted(SENTIMENT_PROMPTS)
-    return None
-
-
-def add_dataclass_arguments(parser: argparse.ArgumentParser, cls, names: typing.Iterable[str], title: str,
-                            choices=_choices) -> None:
-    """One `--flag-name` per field of the frozen dataclass `cls`, typed, with the field's help and default.
-
-    The argparse default stays None, so only the flags a user gives override the dataclass.
-    """
-    defaults, hints = cls(), typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    group = parser.add_argument_group(title)
-    for name in names:
-        if name not in fields:  # a field the runtime dropped: nothing to expose
-            continue
-        kind = next((a for a in typing.get_args(hints[name]) if a is not type(None)), hints[name])
-        default = getattr(defaults, name)
-        group.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, choices=choices(name),
-                           default=None, metavar=None if choices(name) else name.upper(),
-                           help=f"{fields[name].metadata.get('help', '')} "
-                                f"(default: {'random' if default is None and name == 'seed' else default})")
-
-
-def add_settings_arguments(parser: argparse.ArgumentParser, names: typing.Iterable[str]) -> None:
-    """Flags for some fields of the runtime's Settings."""
-    add_dataclass_arguments(parser, Settings, names, "model settings (defaults from allinone_gguf.config.Settings)")
-
-
-def settings_overrides(args: argparse.Namespace, names: typing.Iterable[str]) -> dict:
-    return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
 
 
 def add_model_argument(parser: argparse.ArgumentParser) -> None:
@@ -160,11 +118,18 @@ def _open_input(args) -> tuple[str, list[str] | None, typing.Iterator]:
     return fmt, header, records
 
 
-def _count_records(args, fmt: str) -> int | None:
-    if args.input == "-":
+def count_lines(path: str) -> int | None:
+    """Lines of a file, counted in its bytes without parsing: the progress bar's total. Every record starts on
+    a line of its own, so this bounds the records from above (a quoted CSV field may span lines, blank lines
+    are skipped); None for stdin."""
+    if path == "-":
         return None
-    with open_text(args.input) as f:
-        return sum(1 for _ in read_records(f, fmt, args.column, args.gold)[1])
+    lines, last = 0, b"\n"
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            lines += block.count(b"\n")
+            last = block[-1:]
+    return lines + (last != b"\n")
 
 
 def priority_key(row: dict) -> tuple[int, float]:
@@ -254,11 +219,12 @@ def run_classify(args) -> int:
             done = count_done(work, out_fmt, columns)
         except ValueError as exc:
             raise UserError(str(exc)) from None
-    total = _count_records(args, in_fmt)
+    lines = count_lines(args.input)
+    total = None if lines is None else max(lines - (header is not None), done)  # the header line is no record
 
-    from ..runtime import ModelLoadError
+    from ..runtime import BRANCHES, ModelLoadError
     try:
-        bot, load_s = load_bot(args.model, settings_overrides(args, CLASSIFY_SETTINGS))
+        bot, load_s = load_bot(args.model, overrides(args, CLASSIFY_SETTINGS))
     except (ModelLoadError, ValueError, TypeError) as exc:
         raise UserError(str(exc)) from None
 
@@ -273,7 +239,8 @@ def run_classify(args) -> int:
     try:
         # Rows go to the model a group at a time (classify_many decodes a group in one batch) and are written
         # one by one as soon as their group is done; an interruption loses at most the group in flight.
-        while group := list(itertools.islice(rest, ROWS_PER_BATCH)):
+        # A group is as many rows as the runtime classifies in one batch.
+        while group := list(itertools.islice(rest, BRANCHES)):
             answers = _classify_group(bot, [rec for rec in group if rec.error is None])
             for rec in group:
                 row = dict(rec.fields)
@@ -301,6 +268,7 @@ def run_classify(args) -> int:
         return 130
     finally:
         bot.close()
+    bar.total = bar.n  # the line count was an upper bound: the finished bar shows the rows there were
     bar.close()
     seconds = time.perf_counter() - start
     if writer:
@@ -414,9 +382,9 @@ def chat_loop(bot, lang: str, read=input, out=sys.stdout) -> None:
 
 def run_chat(args) -> int:
     from ..runtime import ModelLoadError
-    overrides = settings_overrides(args, CHAT_SETTINGS)
+    given = overrides(args, CHAT_SETTINGS)
     try:
-        bot, load_s = load_bot(args.model, overrides)
+        bot, load_s = load_bot(args.model, given)
     except (ModelLoadError, ValueError, TypeError) as exc:
         raise UserError(str(exc)) from None
     try:
@@ -425,5 +393,5 @@ def run_chat(args) -> int:
         pass
     print(f"{args.model.name} loaded in {load_s:.1f} s. {CHAT_HELP}", file=sys.stderr)
     with bot:
-        chat_loop(bot, overrides.get("labels", Settings().labels))
+        chat_loop(bot, given.get("labels", Settings().labels))
     return 0

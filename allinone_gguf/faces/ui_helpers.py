@@ -2,9 +2,14 @@
 
 Nothing here imports gradio or touches a model, so it is tested without a browser:
 
-    >>> from allinone_gguf.ui_helpers import badge
+    >>> from allinone_gguf.faces.ui_helpers import badge
     >>> badge("正面", 0.93, negative=False)
     '😄 LLM 情感判断: 正面 (置信度 93%)'
+
+It also holds the defaults every face shares, written once: the model `make models` builds and `make run`
+loads, the models folder, host and port. The Makefile reads them from here:
+
+    python3 -m allinone_gguf.faces.ui_helpers      # prints: SOURCE MODELS_DIR QUANT HOST PORT
 """
 from __future__ import annotations
 
@@ -15,7 +20,19 @@ import re
 from pathlib import Path
 from typing import Any, Iterable
 
-DEFAULT_MODEL = Path("models/Qwen1.5-0.5B-Chat/Qwen1.5-0.5B-Chat-Q4_K_M.gguf")
+DEFAULT_SOURCE = "Qwen/Qwen1.5-0.5B-Chat"   # hub id (or folder) `make models` converts
+MODELS_DIR = Path("models")                  # where `make models` writes and the app's model menu looks
+DEFAULT_QUANT = "Q4_K_M"                     # the file the app and the CLI load: smallest and fastest
+
+
+def model_file(source: str, quant: str = DEFAULT_QUANT, models_dir: Path = MODELS_DIR) -> Path:
+    """Where `python -m convert all SOURCE --out MODELS_DIR` writes `quant`: <dir>/<name>/<name>-<quant>.gguf."""
+    name = Path(source.rstrip("/")).name
+    return Path(models_dir) / name / f"{name}-{quant}.gguf"
+
+
+DEFAULT_MODEL = model_file(DEFAULT_SOURCE)
+DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 7860
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,12 +41,12 @@ class AppSettings:
 
     model: Path = dataclasses.field(default=DEFAULT_MODEL, metadata={"help": "GGUF file loaded at start"})
     models_dir: Path = dataclasses.field(
-        default=Path("models"), metadata={"help": "folder whose *.gguf files the model menu offers"}
+        default=MODELS_DIR, metadata={"help": "folder whose *.gguf files the model menu offers"}
     )
     host: str = dataclasses.field(
-        default="127.0.0.1", metadata={"help": "address to bind; anything but loopback exposes an app with no login"}
+        default=DEFAULT_HOST, metadata={"help": "address to bind; anything but loopback exposes an app with no login"}
     )
-    port: int = dataclasses.field(default=7860, metadata={"help": "TCP port"})
+    port: int = dataclasses.field(default=DEFAULT_PORT, metadata={"help": "TCP port"})
     temperature_range: tuple[float, float] = (0.0, 1.5)  # slider bounds; the default comes from Settings
     max_tokens_range: tuple[int, int] = (16, 512)  # slider bounds, in new tokens
 
@@ -144,3 +161,7 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+if __name__ == "__main__":  # for the Makefile: one line, space-separated
+    print(DEFAULT_SOURCE, MODELS_DIR, DEFAULT_QUANT, DEFAULT_HOST, DEFAULT_PORT)

@@ -13,43 +13,39 @@ What "the seeds' approach" means here, as the seed articles describe it:
   literal code would always answer 正面).
 - reply: the chat template with the warm-assistant system prompt and no history, sampling with temperature
   0.7 and top_p 0.9, at most the job's reply_tokens new tokens (the seeds use 128).
-Exit status 3 when torch or transformers is missing.
+The seeds' prompts and the timing helpers are the project's own, not copies: this Python has neither
+llama.cpp nor this package installed, so the repository is put on sys.path and only pure-Python modules are
+imported from it (measure/bench_worker.py's helpers; runtime/prompts.py by its file, because importing the
+runtime package would load llama.cpp). Exit status 3 when torch or transformers is missing.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import statistics
 import sys
 import time
+from pathlib import Path
 
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+from allinone_gguf.measure.bench_worker import latency_summary, memory_mb, percentile  # noqa: E402
+
+
+def _load_prompts():
+    """allinone_gguf/runtime/prompts.py (standard library only), without the runtime package around it."""
+    spec = importlib.util.spec_from_file_location("allinone_gguf_prompts", ROOT / "allinone_gguf/runtime/prompts.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module     # dataclasses looks its module up while the file runs
+    spec.loader.exec_module(module)
+    return module
+
+
+_prompts = _load_prompts()
 MISSING = 3
-SENTIMENT_SYSTEM = ("你是一个冷酷的情感分析师。你的任务是对用户的输入进行情感极性判断。\n"
-                    "只能输出两个结果之一:\"正面\" 或 \"负面\"。\n不要解释原因,不要添加标点,不要换行。")
-CHAT_SYSTEM = "你是一位善解人意的AI助手,能感知用户情绪并给予温暖回应。"
-
-
-def memory_mb() -> dict:
-    found = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            key, _, value = line.partition(":")
-            if key in ("VmRSS", "VmHWM"):
-                found[key] = int(value.split()[0]) / 1024
-    return {"rss_mb": found.get("VmRSS"), "peak_rss_mb": found.get("VmHWM")}
-
-
-def percentile(values, q):
-    xs = sorted(values)
-    k = (len(xs) - 1) * q / 100
-    lo, hi = int(k), min(int(k) + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
-
-
-def latency_summary(seconds, texts):
-    ms = [s * 1000 for s in seconds]
-    return {"n": len(ms), "p50_ms": percentile(ms, 50), "p95_ms": percentile(ms, 95),
-            "mean_ms": statistics.fmean(ms), "mean_chars": statistics.fmean(len(t) for t in texts)}
+SENTIMENT_SYSTEM = _prompts.SENTIMENT_PROMPTS["seed"].system["zh"]   # the seeds' cold analyst
+CHAT_SYSTEM = _prompts.CHAT_SYSTEM["zh"]                             # the seeds' warm assistant
 
 
 class Seeds:
@@ -107,7 +103,6 @@ class Seeds:
 
 
 def run_job(job: dict) -> dict:
-    import csv
     import importlib.metadata
     before = memory_mb()
     start = time.perf_counter()
@@ -153,13 +148,12 @@ def run_job(job: dict) -> dict:
         "prompt_tokens_per_s": sum(t["prompt_tokens"] for t in all_turns) / p_s if p_s else None}
     result["load"].update({k + "_after_chat": v for k, v in memory_mb().items()})
     result["accuracy"] = {}
-    for name, path in job["datasets"].items():
+    for name, rows in job["datasets"].items():   # [(gold, text), ...], read by measure/bench.py
         print(f"  [baseline] accuracy: {name}", file=sys.stderr, flush=True)
-        with open(path, encoding="utf-8-sig", newline="") as f:
-            rows = list(csv.DictReader(f))[: job["limit"] or None]
+        rows = rows[: job["limit"] or None]
         t0 = time.perf_counter()
-        predicted = [bot.classify(r["text"]) for r in rows]
-        result["accuracy"][name] = {"gold": [r["label"] for r in rows],
+        predicted = [bot.classify(text) for _, text in rows]
+        result["accuracy"][name] = {"gold": [gold for gold, _ in rows],
                                     "predicted": predicted, "seconds": time.perf_counter() - t0}
     return result
 

@@ -31,8 +31,10 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..faces.cli import UserError, add_dataclass_arguments, add_settings_arguments, settings_overrides
-from .metrics import normalise_gold, score
+from ..faces.cli import UserError
+from ..faces.flags import add_dataclass_arguments, add_settings_arguments, overrides
+from .bench_worker import MAX_RUNS
+from .metrics import normalise_gold, read_labeled_csv, score
 
 ROOT = Path(__file__).resolve().parents[2]        # the repository (for bench/, ../shared/, .venv-ref/)
 BENCH_SETTINGS = ("n_threads", "n_ctx", "sentiment_prompt")
@@ -46,8 +48,9 @@ class BenchSettings:
     data_dir: Path = field(default=ROOT.parent / "shared" / "data" / "sentiment", metadata={
         "help": "every *.csv (header label,text) here is an accuracy data set when --data is not given"})
     limit: int = field(default=0, metadata={"help": "rows per data set; 0 = all"})
-    runs: int = field(default=12, metadata={
-        "help": "timed classifications per message length (short/medium/long; at most 12), after the warm-up"})
+    runs: int = field(default=MAX_RUNS, metadata={
+        "help": f"timed classifications per message length (short/medium/long; at most {MAX_RUNS}, one per "
+                "sample text), after the warm-up"})
     turns: int = field(default=4, metadata={
         "help": "timed chat turns (classify, then reply) per message length, in one conversation each"})
     reply_tokens: int = field(default=64, metadata={"help": "most new tokens of a timed reply"})
@@ -74,7 +77,7 @@ def add_bench_parser(sub) -> None:
                         "or hub id, with --baseline-python")
     p.add_argument("--worker", nargs=2, metavar=("JOB", "RESULT"), help=argparse.SUPPRESS)  # one model's process
     add_dataclass_arguments(p, BenchSettings, [f.name for f in dataclasses.fields(BenchSettings)
-                                               if f.name != "data_dir"], "benchmark settings", lambda n: None)
+                                               if f.name != "data_dir"], "benchmark settings")
     add_settings_arguments(p, BENCH_SETTINGS)
     p.set_defaults(func=run_bench)
 
@@ -135,14 +138,19 @@ def quant_of(path: Path) -> str:
 
 # ------------------------------------------------------------------------------------------------ running
 
-def _datasets(args, bs: BenchSettings) -> dict[str, str]:
+def _datasets(args, bs: BenchSettings) -> dict[str, list[tuple[str, str]]]:
+    """{name: [(gold 正面/负面, text), ...]}: every data set is read here, once, and handed to the measuring
+    processes in their job (the baseline's Python has not even this package)."""
     if args.data and [str(d) for d in args.data] == ["none"]:
         return {}
     paths = args.data or sorted(bs.data_dir.glob("*.csv"))
     missing = [str(p) for p in paths if not Path(p).is_file()]
     if missing:
         raise UserError(f"data set(s) not found: {', '.join(missing)}")
-    return {Path(p).name.removesuffix(".csv"): str(Path(p).resolve()) for p in paths}
+    try:
+        return {Path(p).name.removesuffix(".csv"): read_labeled_csv(p) for p in paths}
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
 
 
 def _run_worker(cmd: list[str], job: dict, label: str) -> tuple[dict | None, int]:
@@ -215,21 +223,21 @@ def run_bench(args) -> int:
     from .bench_worker import sample_texts
     from ..runtime.config import Settings
 
-    bs = BenchSettings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(BenchSettings)
-                                      if getattr(args, f.name, None) is not None})
+    bs = BenchSettings(**overrides(args, [f.name for f in dataclasses.fields(BenchSettings)]))
     if not args.models:
         raise UserError("give at least one --model GGUF file (make bench MODEL=path/to/file.gguf)")
     missing = [str(m) for m in args.models if not m.is_file()]
     if missing:
         raise UserError(f"model file(s) not found: {', '.join(missing)}; run `make models` or pass a .gguf path")
-    overrides = settings_overrides(args, BENCH_SETTINGS)
-    settings = Settings().replace(**overrides)
+    given = overrides(args, BENCH_SETTINGS)
+    settings = Settings().replace(**given)
     datasets = _datasets(args, bs)
     if not datasets:
         print("no labeled data sets: accuracy is skipped (--data CSV, or put CSVs in "
               f"{bs.data_dir})", file=sys.stderr)
     texts = sample_texts()
-    job = {"settings": overrides, "n_threads": settings.n_threads, "texts": texts, "runs": min(bs.runs, 12), "turns": bs.turns,
+    job = {"settings": given, "n_threads": settings.n_threads, "texts": texts, "runs": min(bs.runs, MAX_RUNS),
+           "turns": bs.turns,
            "reply_tokens": bs.reply_tokens, "seed": bs.seed, "datasets": datasets, "limit": bs.limit}
     report = {"conditions": conditions(settings),
               "command": "python -m allinone_gguf bench " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["bench"]

@@ -1,13 +1,16 @@
 """The part of `make bench` that runs inside one model's own process, so its memory figures are its own.
 
-`allinone_gguf.bench` writes a job (JSON) and starts `python -m allinone_gguf bench --worker JOB RESULT` once
-per model file; this module loads the model, leaves out a warm-up, times every phase and writes RESULT:
+`measure/bench.py` writes a job (JSON: settings, sample texts, the labeled rows) and starts
+`python -m allinone_gguf bench --worker JOB RESULT` once per model file; this module loads the model, leaves
+out a warm-up, times every phase and writes RESULT. It uses the runtime's public API only; token counts come
+from llama.cpp's own counters (`AllInOne.stats()`):
 
     python -m allinone_gguf bench --worker job.json result.json
 
 The message texts were written for this file (none comes from an evaluation set): twelve short (≈22 chars)
 and twelve medium (≈85 chars) messages, half positive and half negative; a long message (≈430 chars) is five
-medium messages of the same mood in a row.
+medium messages of the same mood in a row. The timing helpers (`percentile`, `latency_summary`, `memory_mb`)
+are also the baseline's (measure/baseline.py), so they need nothing but the standard library.
 """
 from __future__ import annotations
 
@@ -58,6 +61,10 @@ MEDIUM_NEGATIVE = (
 )
 
 
+# Each timed run classifies a different sample text, so a length has at most this many runs.
+MAX_RUNS = len(SHORT)
+
+
 def sample_texts() -> dict[str, list[str]]:
     """{"short": 12 texts, "medium": 12, "long": 12}, alternating positive and negative."""
     medium = [t for pair in zip(MEDIUM_POSITIVE, MEDIUM_NEGATIVE) for t in pair]
@@ -99,33 +106,6 @@ def latency_summary(seconds: list[float], texts: list[str]) -> dict:
             "mean_chars": statistics.fmean(len(t) for t in texts) if texts else 0}
 
 
-class _Perf:
-    """llama.cpp's own counts of prompt tokens (decoded in batches) and generated tokens (decoded one by one)
-    for the runtime's context, when it can be found (an attribute holding `.ctx` and `.model`, as
-    allinone_gguf.backend.Backend does). Times come from our own clock: llama.cpp keeps none for a context
-    made with its default no_perf = true."""
-
-    def __init__(self, bot):
-        self.ctx = None
-        for holder in (bot, *vars(bot).values()):
-            if getattr(holder, "ctx", None) and getattr(holder, "model", None):
-                self.ctx = holder.ctx
-                break
-
-    def reset(self) -> None:
-        if self.ctx is not None:
-            import llama_cpp
-            llama_cpp.llama_perf_context_reset(self.ctx)
-
-    def read(self) -> dict | None:
-        """Counts since reset(); None when the context is unknown."""
-        if self.ctx is None:
-            return None
-        import llama_cpp
-        d = llama_cpp.llama_perf_context(self.ctx)
-        return {"prompt_tokens": d.n_p_eval, "gen_tokens": d.n_eval}
-
-
 def canonical_label(label: str) -> str:
     """正面/负面 for any label language; anything else unchanged (so it counts as an invalid output)."""
     from .metrics import normalise_gold
@@ -135,63 +115,43 @@ def canonical_label(label: str) -> str:
         return str(label)
 
 
-def _turn(bot, perf: _Perf, text: str, history: list[dict], reply_tokens: int, seed: int) -> dict:
-    """One app turn: classify, then a streamed reply of at most reply_tokens; every phase timed."""
+def _turn(bot, text: str, history: list[dict], reply_tokens: int, seed: int) -> dict:
+    """One app turn: classify, then a streamed reply of at most reply_tokens; every phase timed. The reply's
+    tokens are llama.cpp's counts over the reply: prompt tokens (decoded in batches) and generated tokens
+    (decoded one at a time)."""
     t0 = time.perf_counter()
     s = bot.classify(text)
     t1 = time.perf_counter()
-    perf.reset()
+    before = bot.stats()
     first, pieces = None, []
     for piece in bot.stream_reply(text, history=history, sentiment=s, max_tokens=reply_tokens, seed=seed):
         if first is None:
             first = time.perf_counter()
         pieces.append(piece)
     t2 = time.perf_counter()
-    counts = perf.read()
+    after = bot.stats()
     reply = "".join(pieces)
     history += [{"role": "user", "content": text}, {"role": "assistant", "content": reply}]
-    turn = {"classify_s": t1 - t0, "ttft_s": (first or t2) - t1, "reply_s": t2 - t1, "turn_s": t2 - t0,
-            "pieces": len(pieces)}
-    if counts:
-        turn.update(counts)
-    return turn
+    return {"classify_s": t1 - t0, "ttft_s": (first or t2) - t1, "reply_s": t2 - t1, "turn_s": t2 - t0,
+            "pieces": len(pieces), "prompt_tokens": after["prompt_tokens"] - before["prompt_tokens"],
+            "gen_tokens": after["single_tokens"] - before["single_tokens"]}
 
 
 def _reply_summary(turns: list[dict]) -> dict:
-    """Medians of the turns; token rates over all turns: prompt tokens / time to the first piece, generated
-    tokens / time from the first piece to the end of the reply."""
-    out = {"turns": len(turns),
-           "ttft_ms_p50": percentile([t["ttft_s"] * 1000 for t in turns], 50),
-           "turn_s_p50": percentile([t["turn_s"] for t in turns], 50),
-           "turn_s_mean": statistics.fmean(t["turn_s"] for t in turns)}
+    """Medians of the turns; token rates over all turns, tokens counted by llama.cpp and timed by our clock as a
+    user sees them: prompt tokens / time to the first piece, generated tokens / time from the first piece to
+    the end of the reply."""
     gen_s = sum(t["reply_s"] - t["ttft_s"] for t in turns)
     prompt_s = sum(t["ttft_s"] for t in turns)
-    if all("gen_tokens" in t for t in turns):
-        gen_tokens, prompt_tokens = sum(t["gen_tokens"] for t in turns), sum(t["prompt_tokens"] for t in turns)
-        out.update(token_counts="llama.cpp context counters", tokens_per_reply=1 + gen_tokens / len(turns),
-                   prompt_tokens_per_reply=prompt_tokens / len(turns),
-                   prompt_tokens_per_s=prompt_tokens / prompt_s if prompt_s > 0 else None)
-    else:  # no access to the context: stream pieces stand in for tokens (a split character is one piece)
-        gen_tokens = sum(max(t["pieces"] - 1, 0) for t in turns)
-        out.update(token_counts="stream pieces (approximate)", tokens_per_reply=1 + gen_tokens / len(turns),
-                   prompt_tokens_per_s=None)
-    out["gen_tokens_per_s"] = gen_tokens / gen_s if gen_s > 0 else None
-    return out
-
-
-def read_dataset(path: str, limit: int = 0) -> tuple[list[str], list[str]]:
-    """(texts, gold labels as 正面/负面) of a `label,text` CSV; limit > 0 keeps the first rows."""
-    import csv
-
-    from .metrics import normalise_gold
-    texts, gold = [], []
-    with open(path, encoding="utf-8-sig", newline="") as f:
-        for row in csv.DictReader(f):
-            texts.append(row["text"])
-            gold.append(normalise_gold(row["label"]))
-            if limit and len(texts) >= limit:
-                break
-    return texts, gold
+    gen_tokens, prompt_tokens = sum(t["gen_tokens"] for t in turns), sum(t["prompt_tokens"] for t in turns)
+    return {"turns": len(turns),
+            "ttft_ms_p50": percentile([t["ttft_s"] * 1000 for t in turns], 50),
+            "turn_s_p50": percentile([t["turn_s"] for t in turns], 50),
+            "turn_s_mean": statistics.fmean(t["turn_s"] for t in turns),
+            "token_counts": "llama.cpp context counters", "tokens_per_reply": 1 + gen_tokens / len(turns),
+            "prompt_tokens_per_reply": prompt_tokens / len(turns),
+            "prompt_tokens_per_s": prompt_tokens / prompt_s if prompt_s > 0 else None,
+            "gen_tokens_per_s": gen_tokens / gen_s if gen_s > 0 else None}
 
 
 def classify_dataset(classify, texts: list[str], desc: str = "") -> tuple[list[str], float]:
@@ -220,7 +180,6 @@ def run_job(job: dict) -> dict:
               "load": {"seconds": time.perf_counter() - start, "rss_before_mb": before["rss_mb"]}}
     result["load"].update({k + "_after_load": v for k, v in memory_mb().items()})
     texts, seed, reply_tokens = job["texts"], job["seed"], job["reply_tokens"]
-    perf = _Perf(bot)
     with bot:
         log.info("warm-up")
         for kind in texts:
@@ -240,16 +199,17 @@ def run_job(job: dict) -> dict:
         for kind, items in texts.items():
             log.info("interleaved with chat turns: %s", kind)
             items, history = items[: job["turns"]], []
-            kind_turns = [_turn(bot, perf, text, history, reply_tokens, seed) for text in items]
+            kind_turns = [_turn(bot, text, history, reply_tokens, seed) for text in items]
             interleaved[kind] = latency_summary([t["classify_s"] for t in kind_turns], items)
             turns += kind_turns
         result["sentiment"] = {"alone": alone, "interleaved": interleaved}
         result["reply"] = {"max_tokens": reply_tokens, **_reply_summary(turns)}
         result["load"].update({k + "_after_chat": v for k, v in memory_mb().items()})
         result["accuracy"] = {}
-        for name, path in job["datasets"].items():
+        for name, rows in job["datasets"].items():
             log.info("accuracy: %s", name)
-            data, gold = read_dataset(path, job["limit"])
+            rows = rows[: job["limit"] or None]
+            gold, data = [g for g, _ in rows], [t for _, t in rows]
             predicted, seconds = classify_dataset(lambda t: canonical_label(bot.classify(t).label), data, name)
             result["accuracy"][name] = {"gold": gold, "predicted": predicted, "seconds": seconds}
     return result

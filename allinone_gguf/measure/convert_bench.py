@@ -25,8 +25,10 @@ from pathlib import Path
 
 import numpy as np
 
+from convert.pipeline import DEFAULT_TYPES
+from convert.reference_files import reference_converter
+
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "tests"))
 
 # Fixed texts for the agreement check, written for this purpose (not taken from any data set).
 TEXTS = [
@@ -88,8 +90,7 @@ def main() -> None:
         t, rss = run_measured([py, "-m", "convert", "to-gguf", str(args.checkout), str(ours)], cwd=ROOT)
         rows.append(("our converter, F16", f"{t:.1f} s", f"{rss:.0f} MB"))
         if args.reference_python.is_file():
-            from tinymodel import fetch_reference_converter, fetch_vocab
-            script = fetch_reference_converter(fetch_vocab(ROOT / ".cache/vocab"))
+            script = reference_converter(ROOT / ".cache/vocab")
             ref = tmp / "ref-F16.gguf"
             t, rss = run_measured([str(args.reference_python), str(script), str(args.checkout), "--outtype", "f16",
                                    "--outfile", str(ref)], cwd=script.parent)
@@ -99,12 +100,12 @@ def main() -> None:
             rows.append(("F16 files identical (tensors + metadata)", "yes" if not diffs else f"NO: {diffs[:3]}", ""))
         ours.unlink()
         t, _ = run_measured([py, "-m", "convert", "all", str(args.checkout), "--out", str(tmp / "models")], cwd=ROOT)
-        rows.append(("python -m convert all (F16 + Q8_0 + Q4_K_M)", f"{t:.1f} s", ""))
+        rows.append((f"python -m convert all ({' + '.join(DEFAULT_TYPES)})", f"{t:.1f} s", ""))
         folder = tmp / "models" / args.checkout.resolve().name
-        files = {q: next(folder.glob(f"*-{q}.gguf")) for q in ("F16", "Q8_0", "Q4_K_M")}
+        files = {q: next(folder.glob(f"*-{q}.gguf")) for q in DEFAULT_TYPES}
         for q, f in files.items():
             rows.append((f"size {q}", f"{f.stat().st_size / 1e6:.0f} MB", ""))
-        agree = {"Q8_0": [], "Q4_K_M": []}
+        agree = {q: [] for q in DEFAULT_TYPES if q != "F16"}
         for text in TEXTS:
             base = argmax_positions(files["F16"], text, args.threads)
             for q in agree:

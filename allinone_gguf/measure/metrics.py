@@ -5,11 +5,14 @@
     (0.5, 0.0)
 
 Gold labels arrive in the forms the data sets use (1/0, 正面/负面, positive/negative); `normalise_gold`
-maps them onto the canonical Chinese labels so every caller counts the same way.
+maps them onto the canonical Chinese labels so every caller counts the same way; `read_labeled_csv` is the
+one reader of those `label,text` files (the bench and the accuracy script use it).
 """
 from __future__ import annotations
 
+import csv
 from dataclasses import dataclass, field
+from pathlib import Path
 
 POSITIVE, NEGATIVE = "正面", "负面"
 
@@ -25,6 +28,27 @@ def normalise_gold(value: object) -> str:
     if key not in _GOLD_FORMS:
         raise ValueError(f"gold label {value!r} is not one of 1/0, 正面/负面, positive/negative")
     return _GOLD_FORMS[key]
+
+
+def read_labeled_csv(path: str | Path, limit: int = 0) -> list[tuple[str, str]]:
+    """(gold label as 正面/负面, text) for each row of a CSV whose header has `label` and `text` (the data sets'
+    form); limit > 0 keeps the first rows. A missing column or an unreadable label is a ValueError naming
+    the file (and the line)."""
+    rows: list[tuple[str, str]] = []
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        reader = csv.DictReader(f)
+        missing = sorted({"label", "text"} - set(reader.fieldnames or ()))
+        if missing:
+            raise ValueError(f"{path}: no column {', '.join(missing)} in the header; expected label,text")
+        for row in reader:
+            try:
+                gold = normalise_gold(row["label"])
+            except ValueError as exc:
+                raise ValueError(f"{path}, line {reader.line_num}: {exc}") from None
+            rows.append((gold, row["text"] or ""))
+            if limit and len(rows) >= limit:
+                break
+    return rows
 
 
 @dataclass(frozen=True)
