@@ -14,6 +14,7 @@ from collections import defaultdict
 import pytest
 
 from allinone_gguf import AllInOne, Sentiment, Settings
+from allinone_gguf.runtime.backend import KVFull
 from allinone_gguf.runtime.chat import ThinkFilter, Turn, window_start
 from allinone_gguf.runtime.config import field_help
 from allinone_gguf.runtime.engine import BRANCHES, SEQ_SENTIMENT, check_history
@@ -73,9 +74,16 @@ class FakeBackend:
     def grammar_first_tokens(self, grammar):
         return [ord(c) for c in ("正负" if "正面" in grammar else "PN")]
 
+    cells = None              # when set: llama.cpp's "no free KV cells" once the sequences hold more tokens
+
     def decode(self, parts):
         assert not self.closed
         assert sum(len(t) for _, t, _ in parts) <= self.n_batch
+        if self.cells is not None:
+            branches = range(SEQ_SENTIMENT + 1, SEQ_SENTIMENT + 1 + BRANCHES)   # they share the frame's cells
+            used = sum(len(h) for seq, h in enumerate(self.held) if seq not in branches)
+            if used + sum(len(t) for _, t, _ in parts) > self.cells:
+                raise KVFull("no free KV cells (context full)")
         self.batches.append([len(t) for _, t, _ in parts])
         self.rows, self.row_logits, out = [], [], []
         for seq, toks, want in parts:
@@ -514,3 +522,28 @@ def test_classify_many_gives_classify_answers_in_batches_that_fit(bot):
 def test_sentiment_tokens_must_fit_one_batch():
     with pytest.raises(ValueError, match="sentiment_tokens"):
         FakeBot("f.gguf", sentiment_tokens=600)
+
+
+def test_a_full_cache_evicts_the_idle_conversation_which_comes_back_rebuilt():
+    with FakeBot("f.gguf", parallel=2, sentiment_prompt="seed", max_tokens=300) as b:
+        fake = backend(b)
+        fake.cells = len(fake.held[SEQ_SENTIMENT]) + 700     # room for one long conversation, not two
+        a_text, b_text = "a" * 200, "b" * 200                    # one byte, one token each way
+        a_reply = b.reply(a_text, conversation="a")
+        assert b.reply(b_text, conversation="b") == b_text[::-1]       # needed a's cells: a was evicted
+        history = [{"role": "user", "content": a_text}, {"role": "assistant", "content": a_reply}]
+        stream = b.stream_reply("c", history=history, conversation="a")
+        assert "".join(stream) == "c"
+        assert stream.usage["cached_tokens"] < 100      # rebuilt from its history: right, just slower
+
+
+def test_when_running_replies_fill_the_cache_a_new_prompt_waits_for_them():
+    with FakeBot("f.gguf", parallel=2, sentiment_prompt="seed", max_tokens=300) as b:
+        fake = backend(b)
+        fake.delay = 0.002
+        fake.cells = len(fake.held[SEQ_SENTIMENT]) + 800
+        first = b.stream_reply("a" * 250)                 # ~290 prompt tokens + 250 generated
+        assert "".join(next(first) for _ in range(200)) == "a" * 200
+        second = b.stream_reply("b" * 290)                # ~330 + 290: does not fit beside the first
+        assert "".join(second) == "b" * 290 and "".join(first) == "a" * 50
+        assert first.finish_reason == second.finish_reason == "stop"

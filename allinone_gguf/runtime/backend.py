@@ -52,6 +52,10 @@ def check_gguf(path: Path) -> None:
         raise _model_error(path, "not a GGUF file (bad magic)")
 
 
+class KVFull(RuntimeError):
+    """llama_decode found no free KV cells for the batch (every cell is held by some sequence)."""
+
+
 def _decode_failure(rc: int) -> str:
     """What a non-zero llama_decode status means."""
     return "no free KV cells (context full)" if rc == 1 else f"llama_decode returned {rc}"
@@ -169,8 +173,8 @@ class Backend:
         if rc != 0:
             for seq, _, _ in parts:
                 llama_cpp.llama_memory_seq_rm(self.memory, seq, len(self.held[seq]), -1)
-            raise RuntimeError(f"decoding {len(parts)} sequences ({i} tokens) in one batch failed: "
-                               f"{_decode_failure(rc)}")
+            raise (KVFull if rc == 1 else RuntimeError)(
+                f"decoding {len(parts)} sequences ({i} tokens) in one batch failed: {_decode_failure(rc)}")
         for seq, toks, _ in parts:
             self.held[seq].extend(toks)
         return out

@@ -24,6 +24,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
+from .backend import KVFull
 from .chat import ThinkFilter, Turn, same_text
 
 log = logging.getLogger(__name__)
@@ -130,6 +131,7 @@ class ReplyJob(Job):
         self.stop, self._held_back = list(stop), ""
         # worker-side state
         self.slot: Slot | None = None
+        self.deferred = False            # its prompt waits for cells that running replies will free
         self.pending: list[int] = []     # prompt tokens still to decode, or the one sampled token to decode next
         self.sampled: list[int] = []
         self.sampler = None
@@ -407,6 +409,8 @@ class Scheduler:
         with self._cond:
             if job in self._streams:
                 self._streams.remove(job)
+            for other in self._streams:      # cells were freed: prompts that waited for them go on
+                other.deferred = False
         job.end(reason)
 
     def _step(self) -> None:
@@ -420,26 +424,28 @@ class Scheduler:
             job.fail(Closed("cancelled"))
         parts, owners, room = [], [], b.n_batch
         generating = [j for j in self._streams if j.sampled and j.pending]
-        prefilling = [j for j in self._streams if not j.sampled and j.pending]
+        prefilling = [j for j in self._streams if not j.sampled and j.pending and not j.deferred]
         for job in generating:
             parts.append((job.slot.seq, job.pending, True))
             owners.append(("reply", job))
             room -= len(job.pending)
-        group_job = None
-        if self._classify:
+        group_job = group = None
+        if self._classify and sum(len(t) for _, t in self._classify[0].groups[0]) <= room:
             group_job = self._classify[0]
-            group = group_job.groups[0]
-            if sum(len(t) for _, t in group) <= room:
+            group = group_job.groups.popleft()
+            try:
                 n_prefix = group_job.prefix(b)
+            except KVFull:
+                group_job.groups.appendleft(group)
+                group_job = group = None
+                self._make_room([])
+            else:
                 for k, (index, toks) in enumerate(group):
-                    seq = self._branch_seq(k)
+                    seq = self.branch_seqs[k]
                     b.copy_prefix(self.sentiment_seq, seq, n_prefix)
                     parts.append((seq, toks, True))
                     owners.append(("text", (group_job, index)))
                     room -= len(toks)
-                group_job.groups.popleft()
-            else:
-                group_job = None
         for job in prefilling:
             if room <= 0:
                 break
@@ -451,14 +457,15 @@ class Scheduler:
             return
         try:
             rows = b.decode(parts)
+        except KVFull:
+            if group_job is not None:
+                group_job.groups.appendleft(group)     # tried again at the next step
+            self._make_room(owners)
+            return
         except RuntimeError as exc:
             for kind, owner in owners:
                 if kind in ("reply", "prompt"):
-                    self._release(owner)
-                    with self._cond:
-                        if owner in self._streams:
-                            self._streams.remove(owner)
-                    owner.fail(exc)
+                    self._drop(owner, exc)
             if group_job is not None:
                 self._classify.remove(group_job)
                 group_job.fail(exc)
@@ -466,7 +473,7 @@ class Scheduler:
         finally:
             self.steps += 1
             for k in range(sum(kind == "text" for kind, _ in owners)):
-                b.forget(self._branch_seq(k))
+                b.forget(self.branch_seqs[k])
         for (kind, owner), (seq, toks, want), row in zip(owners, parts, rows):
             if kind == "text":
                 job, index = owner
@@ -480,8 +487,37 @@ class Scheduler:
             group_job.result = group_job.results
             group_job.done.set()
 
-    def _branch_seq(self, k: int) -> int:
-        return self.branch_seqs[k]
+    def _drop(self, job: ReplyJob, exc: BaseException) -> None:
+        self._release(job)
+        with self._cond:
+            if job in self._streams:
+                self._streams.remove(job)
+        job.fail(exc)
+
+    def _make_room(self, owners: list) -> None:
+        """The unified cache is full. Conversations share its cells without a fixed share each, so first the
+        least recently used idle slot gives its cells back (its conversation is rebuilt from the history when it
+        returns); else new prompts wait until running replies end; else the newest reply gives way."""
+        b = self.backend
+        idle = [s for s in self.slots if not s.busy and b.held[s.seq]]
+        if idle:
+            slot = min(idle, key=lambda s: s.last_used)
+            b.forget(slot.seq)
+            slot.turns, slot.start, slot.conversation = [], 0, None
+            log.info("KV cache full: slot %d evicted", slot.seq)
+            return
+        running = [j for j in self._streams if j.sampled]
+        prompts = [o for k, o in owners if k == "prompt"]
+        if prompts and running:
+            for job in prompts:
+                job.deferred = True
+            return
+        victims = [o for k, o in owners if k in ("reply", "prompt")]
+        if victims:
+            self._drop(max(victims, key=lambda j: j.id),
+                       RuntimeError("the context is full with other conversations' replies; try again shortly"))
+        elif self._classify:
+            self._classify.popleft().fail(RuntimeError("the context is full; raise n_ctx"))
 
     def _sample(self, job: ReplyJob, row: int) -> None:
         token = job.sampler.sample(row)
