@@ -2,6 +2,7 @@
 
     python tests/tinymodel.py OUT_DIR                # writes OUT_DIR/tiny-qwen1.5 (fetches the vocab once)
     python tests/tinymodel.py OUT_DIR qwen3          # OUT_DIR/tiny-qwen3; also qwen2.5
+    python tests/tinymodel.py OUT_DIR qwen3 --real-size   # OUT_DIR/Qwen3-0.6B: real shapes, zero weights
 
 The tokenizer comes from llama.cpp's `models/ggml-vocab-qwen2.gguf` (made from Qwen1.5-7B), which ships inside
 the llama-cpp-python source distribution on PyPI beside `.inp`/`.out`, its reference tokenizations. From it we
@@ -80,6 +81,16 @@ FLAVOURS = {
                     "pad_token_id": 151643, "temperature": 0.6, "top_k": 20, "top_p": 0.95},
         extra_tokens=23, model_max_length=131072),
 }
+# The real models' shapes (their public config.json files), for `--real-size`: zero weights of the real size,
+# which give the real GGUF file sizes (a quantized file's size depends on the shapes, not the values).
+REAL_SIZES = {
+    "qwen1.5": ("Qwen1.5-0.5B-Chat", dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=24,
+                                          num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=32768)),
+    "qwen2.5": ("Qwen2.5-0.5B-Instruct", dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                                              num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768)),
+    "qwen3": ("Qwen3-0.6B", dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
+                                 num_key_value_heads=8, head_dim=128, max_position_embeddings=40960)),
+}
 
 
 def fetch_vocab(cache: Path) -> Path:
@@ -142,36 +153,57 @@ def write_safetensors(path: Path, tensors: dict[str, np.ndarray], dtype: str = "
             f.write(b)
 
 
-def random_weights(cfg: dict, tied: bool, seed: int = 0) -> dict[str, np.ndarray]:
-    """Random weights for a config.json dict: Qwen2 layers with QKV biases, or Qwen3 layers (model_type
-    "qwen3") with q_norm/k_norm over head_dim and no biases."""
-    rng = np.random.default_rng(seed)
+def weight_shapes(cfg: dict, tied: bool) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape for a config.json dict: Qwen2 layers with QKV biases, or Qwen3 layers (model_type
+    "qwen3") with q_norm/k_norm over head_dim and no biases; lm_head.weight when not tied."""
     h, ff, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
     qwen3 = cfg.get("model_type") == "qwen3"
     hd = cfg["head_dim"] if qwen3 else h // cfg["num_attention_heads"]
     q, kv = hd * cfg["num_attention_heads"], hd * cfg["num_key_value_heads"]   # rows of q_proj, k_proj/v_proj
-    w = {"model.embed_tokens.weight": rng.normal(0, 0.02, (v, h)), "model.norm.weight": np.ones(h)}
+    shapes = {"model.embed_tokens.weight": (v, h), "model.norm.weight": (h,)}
     for i in range(cfg["num_hidden_layers"]):
         p = f"model.layers.{i}."
+        shapes |= {p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,)}
+        for name, rows in (("q", q), ("k", kv), ("v", kv)):
+            shapes[p + f"self_attn.{name}_proj.weight"] = (rows, h)
+            if not qwen3:
+                shapes[p + f"self_attn.{name}_proj.bias"] = (rows,)
         if qwen3:
-            w |= {p + "input_layernorm.weight": np.ones(h), p + "post_attention_layernorm.weight": np.ones(h),
-                  p + "self_attn.q_proj.weight": rng.normal(0, 0.02, (q, h)),
-                  p + "self_attn.k_proj.weight": rng.normal(0, 0.02, (kv, h)),
-                  p + "self_attn.v_proj.weight": rng.normal(0, 0.02, (kv, h)),
-                  # not all ones, so q_norm and k_norm swapped or misplaced would show
-                  p + "self_attn.q_norm.weight": rng.normal(1, 0.1, hd), p + "self_attn.k_norm.weight": rng.normal(1, 0.1, hd),
-                  p + "self_attn.o_proj.weight": rng.normal(0, 0.02, (h, q))}
-        else:
-            w |= {p + "input_layernorm.weight": np.ones(h), p + "post_attention_layernorm.weight": np.ones(h),
-                  p + "self_attn.q_proj.weight": rng.normal(0, 0.02, (q, h)), p + "self_attn.q_proj.bias": rng.normal(0, 0.02, q),
-                  p + "self_attn.k_proj.weight": rng.normal(0, 0.02, (kv, h)), p + "self_attn.k_proj.bias": rng.normal(0, 0.02, kv),
-                  p + "self_attn.v_proj.weight": rng.normal(0, 0.02, (kv, h)), p + "self_attn.v_proj.bias": rng.normal(0, 0.02, kv),
-                  p + "self_attn.o_proj.weight": rng.normal(0, 0.02, (h, q))}
-        w |= {p + "mlp.gate_proj.weight": rng.normal(0, 0.02, (ff, h)), p + "mlp.up_proj.weight": rng.normal(0, 0.02, (ff, h)),
-              p + "mlp.down_proj.weight": rng.normal(0, 0.02, (h, ff))}
+            shapes |= {p + "self_attn.q_norm.weight": (hd,), p + "self_attn.k_norm.weight": (hd,)}
+        shapes |= {p + "self_attn.o_proj.weight": (h, q), p + "mlp.gate_proj.weight": (ff, h),
+                   p + "mlp.up_proj.weight": (ff, h), p + "mlp.down_proj.weight": (h, ff)}
     if not tied:
-        w["lm_head.weight"] = rng.normal(0, 0.02, (v, h))
-    return {k: a.astype(np.float32) for k, a in w.items()}
+        shapes["lm_head.weight"] = (v, h)
+    return shapes
+
+
+def random_weights(cfg: dict, tied: bool, seed: int = 0) -> dict[str, np.ndarray]:
+    """float32 weights for weight_shapes: N(0, 0.02), layer norms 1, q/k norms N(1, 0.1) (so that q_norm and
+    k_norm swapped or misplaced would show)."""
+    rng = np.random.default_rng(seed)
+
+    def draw(name: str, shape: tuple[int, ...]) -> np.ndarray:
+        if name.endswith(("layernorm.weight", "model.norm.weight")):
+            return np.ones(shape)
+        if name.endswith(("q_norm.weight", "k_norm.weight")):
+            return rng.normal(1, 0.1, shape)
+        return rng.normal(0, 0.02, shape)
+    return {name: draw(name, shape).astype(np.float32) for name, shape in weight_shapes(cfg, tied).items()}
+
+
+def write_zero_safetensors(path: Path, shapes: dict[str, tuple[int, ...]]) -> None:
+    """A bf16 safetensors file of zeros, written sparse (no memory, little disk)."""
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for name, shape in shapes.items():
+        nbytes = int(np.prod(shape)) * 2
+        header[name] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    head = json.dumps(header).encode()
+    head += b" " * (-len(head) % 8)
+    with open(path, "wb") as f:
+        f.write(len(head).to_bytes(8, "little"))
+        f.write(head)
+        f.truncate(8 + len(head) + offset)
 
 
 def write_tokenizer(vocab_gguf: Path, out: Path, tokenizer_json: bool = True, slow_files: bool = True, *,
@@ -220,9 +252,11 @@ def write_tokenizer(vocab_gguf: Path, out: Path, tokenizer_json: bool = True, sl
 
 
 def build_checkout(vocab_dir: Path, out: Path, *, flavour: str = "qwen1.5", tied: bool = True, shards: int = 1,
-                   dtype: str = "BF16", tokenizer_json: bool = True, slow_files: bool = True, seed: int = 0) -> Path:
+                   dtype: str = "BF16", tokenizer_json: bool = True, slow_files: bool = True, seed: int = 0,
+                   real_size: bool = False) -> Path:
     """A checkout of one of FLAVOURS (Qwen1.5-style by default); `tied=False` adds lm_head.weight, `shards=2`
-    splits the weights with an index."""
+    splits the weights with an index. `real_size=True`: the real model's shapes (REAL_SIZES), zero bf16
+    weights in one file."""
     if flavour not in FLAVOURS:
         raise ValueError(f"flavour {flavour!r}: choose one of {', '.join(FLAVOURS)}")
     spec = FLAVOURS[flavour]
@@ -231,11 +265,16 @@ def build_checkout(vocab_dir: Path, out: Path, *, flavour: str = "qwen1.5", tied
               "rope_theta": 1000000.0, "tie_word_embeddings": tied,
               "torch_dtype": {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}[dtype],
               "attention_dropout": 0.0, "initializer_range": 0.02, "use_cache": True, **spec["config"]}
+    if real_size:
+        config |= REAL_SIZES[flavour][1]
     (out / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
     (out / "generation_config.json").write_text(json.dumps(spec["generation"]), encoding="utf-8")
     write_tokenizer(vocab_dir / VOCAB_FILES[0], out, tokenizer_json, slow_files,
                     chat_template=chat_template(vocab_dir, flavour), extra_tokens=spec["extra_tokens"],
                     model_max_length=spec["model_max_length"])
+    if real_size:
+        write_zero_safetensors(out / "model.safetensors", weight_shapes(config, tied))
+        return out
     weights = random_weights(config, tied, seed)
     names = list(weights)
     if shards == 1:
@@ -270,6 +309,10 @@ def fetch_reference_converter(vocab_dir: Path) -> Path:
 
 
 if __name__ == "__main__":
-    root = Path(sys.argv[1] if len(sys.argv) > 1 else ".cache")
-    kind = sys.argv[2] if len(sys.argv) > 2 else "qwen1.5"
-    print(build_checkout(fetch_vocab(root / "vocab"), root / f"tiny-{kind}", flavour=kind))
+    args = [a for a in sys.argv[1:] if a != "--real-size"]
+    root = Path(args[0] if args else ".cache")
+    kind = args[1] if len(args) > 1 else "qwen1.5"
+    if "--real-size" in sys.argv:
+        print(build_checkout(fetch_vocab(root / "vocab"), root / REAL_SIZES[kind][0], flavour=kind, real_size=True))
+    else:
+        print(build_checkout(fetch_vocab(root / "vocab"), root / f"tiny-{kind}", flavour=kind))
