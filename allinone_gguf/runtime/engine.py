@@ -84,7 +84,13 @@ class AllInOne:
             if self.chat_budget < 64 + min(s.max_tokens, 64):
                 raise ValueError(f"n_ctx={s.n_ctx} leaves {self.chat_budget} tokens for the chat after the "
                                  f"sentiment role's {reserve}; raise n_ctx or lower sentiment_tokens")
-            b.prefill(SEQ_SENTIMENT, self._frames[s.labels][0])   # warm the fixed prefix: first calls are fast
+            # Warm the fixed prefixes, so the first calls are as fast as the rest: the sentiment frame, and the
+            # chat's system prompt in the first slot (a new conversation shares it).
+            b.prefill(SEQ_SENTIMENT, self._frames[s.labels][0])
+            bos = [b.bos] if b.add_bos else []
+            system, _ = self._template.render([("system", self._system[s.labels])], False,
+                                              lambda t: b.tokenize(t, True), bos)
+            b.prefill(1 + BRANCHES, system)
         except BaseException:
             b.close()
             raise

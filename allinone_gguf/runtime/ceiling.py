@@ -1,0 +1,61 @@
+"""The engine's own ceiling: bare llama.cpp loops on a model file, with none of our serving code around them.
+
+    >>> from allinone_gguf.runtime.ceiling import bare_prefill_s, bare_generation_tps  # doctest: +SKIP
+    >>> bare_generation_tps("model.gguf", n_threads=2, streams=1, tokens=64)              # doctest: +SKIP
+    27.4
+
+The benchmark (measure/bench_serving.py) reports our speed as a ratio of these, measured in the same run on the
+same file and threads, so machines of different speed still compare. It lives in the runtime because only the
+runtime talks to llama.cpp.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import llama_cpp
+
+from .backend import Backend
+
+
+def _greedy(b: Backend, row: int) -> int:
+    return int(b.logits_row(row).argmax())
+
+
+def bare_prefill_s(path: str | Path, n_tokens: int, *, n_threads: int, n_ctx: int = 2048,
+                   repeats: int = 3) -> tuple[float, int]:
+    """(median seconds, tokens) to decode a prompt of `n_tokens` tokens into an empty sequence."""
+    b = Backend(path, n_ctx=n_ctx, n_threads=n_threads, n_seq=1)
+    try:
+        tokens = list(range(1000, 1000 + n_tokens))
+        times = []
+        for _ in range(repeats + 1):                   # the first run warms the caches and is left out
+            b.forget(0)
+            start = time.perf_counter()
+            b.prefill(0, tokens)
+            times.append(time.perf_counter() - start)
+        times = sorted(times[1:])
+        return times[len(times) // 2], len(tokens)
+    finally:
+        b.close()
+
+
+def bare_generation_tps(path: str | Path, *, n_threads: int, streams: int = 1, tokens: int = 64,
+                        prompt_tokens: int = 32, n_ctx: int = 4096) -> float:
+    """Aggregate tokens/s of `streams` sequences each generating `tokens` greedy tokens, one llama_decode per
+    step with every sequence's next token in it (the plain continuous-batching loop)."""
+    b = Backend(path, n_ctx=n_ctx, n_threads=n_threads, n_seq=streams)
+    try:
+        prompt = list(range(1000, 1000 + prompt_tokens))
+        nxt = []
+        for seq in range(streams):
+            row, = b.decode([(seq, prompt, True)])
+            nxt.append(_greedy(b, row))
+        llama_cpp.llama_synchronize(b.ctx)
+        start = time.perf_counter()
+        for _ in range(tokens):
+            rows = b.decode([(seq, [nxt[seq]], True) for seq in range(streams)])
+            nxt = [_greedy(b, r) for r in rows]
+        return streams * tokens / (time.perf_counter() - start)
+    finally:
+        b.close()
