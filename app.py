@@ -23,7 +23,6 @@ import os  # no `from __future__ import annotations`: gr.api reads the real type
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 import argparse
-import dataclasses
 import functools
 import logging
 import sys
@@ -39,6 +38,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from allinone_gguf import AllInOne, ModelLoadError, Settings
+from allinone_gguf.faces.flags import add_dataclass_arguments, add_settings_arguments, overrides
 from allinone_gguf.faces.openai_api import build_router
 from allinone_gguf.runtime import QueueFull
 from allinone_gguf.runtime.config import field_help
@@ -66,10 +66,6 @@ REFRESH_S = 0.1
 # Gradio events that may wait on the model at once; the runtime's own queue (Settings.max_queue) bounds the rest.
 MODEL_EVENTS = 16
 SAME = (gr.skip(), gr.skip(), gr.skip())  # mood state, mood chart and turn status unchanged
-
-
-def _app_help(name: str) -> str:
-    return next(f.metadata["help"] for f in dataclasses.fields(AppSettings) if f.name == name)
 
 
 class ModelSlot:
@@ -302,21 +298,22 @@ def build_app(slot: ModelSlot) -> gr.Blocks:
     return demo
 
 
+APP_FLAGS = ("model", "models_dir", "host", "port")
+LOAD_FLAGS = ("n_threads", "n_ctx", "parallel", "max_queue")   # load-time knobs; per-reply ones are UI controls
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    ui = AppSettings()
+    """Flags from AppSettings and Settings (defaults written there once); `args.ui` and `args.load` hold the
+    resulting app settings and the overrides for the runtime's Settings."""
     p = argparse.ArgumentParser(description="Offline Gradio app (at /) and OpenAI-compatible API (under /v1) for "
                                             "Qwen All-in-One (GGUF).")
-    for name in ("model", "models_dir", "host", "port"):
-        default = getattr(ui, name)
-        p.add_argument("--" + name.replace("_", "-"), type=type(default), default=default,
-                       help=f"{_app_help(name)} (default: {default})")
-    for name in ("n_threads", "n_ctx", "parallel", "max_queue"):  # load-time knobs; per-reply ones are UI controls
-        default = getattr(Settings(), name)
-        p.add_argument("--" + name.replace("_", "-"), type=int, default=default,
-                       help=f"{field_help(name)} (default: {default})")
+    add_dataclass_arguments(p, AppSettings, APP_FLAGS, "app (defaults from allinone_gguf.faces.ui_helpers)")
+    add_settings_arguments(p, LOAD_FLAGS)
     p.add_argument("--api-key", default=os.environ.get("ALLINONE_API_KEY"),
                    help="require `Authorization: Bearer KEY` on /v1 (default: $ALLINONE_API_KEY, else none)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.ui, args.load = AppSettings(**overrides(args, APP_FLAGS)), overrides(args, LOAD_FLAGS)
+    return args
 
 
 def build_server(slot: ModelSlot, api_key: str | None) -> FastAPI:
@@ -336,17 +333,16 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("app", "allinone_gguf.faces.openai_api"):   # loads, finished and cancelled replies, one line each
         logging.getLogger(name).addHandler(logging.StreamHandler(sys.stdout))
         logging.getLogger(name).setLevel(logging.INFO)
-    if not is_loopback(args.host) and not args.api_key:
-        print(f"warning: binding to {args.host}: the app has no login and no --api-key, anyone who can reach this "
+    ui = args.ui
+    if not is_loopback(ui.host) and not args.api_key:
+        print(f"warning: binding to {ui.host}: the app has no login and no --api-key, anyone who can reach this "
               "port can use it", file=sys.stderr)
     try:
-        slot = ModelSlot(args.model, args.models_dir,
-                         Settings(n_threads=args.n_threads, n_ctx=args.n_ctx, parallel=args.parallel,
-                                  max_queue=args.max_queue))
+        slot = ModelSlot(ui.model, ui.models_dir, Settings(**args.load))
     except (ModelLoadError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    config = uvicorn.Config(build_server(slot, args.api_key), host=args.host, port=args.port, log_level="warning",
+    config = uvicorn.Config(build_server(slot, args.api_key), host=ui.host, port=ui.port, log_level="warning",
                             timeout_graceful_shutdown=2)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
@@ -354,11 +350,11 @@ def main(argv: list[str] | None = None) -> int:
     while not server.started and thread.is_alive():
         time.sleep(0.05)
     if not server.started:      # port taken, or no such address
-        print(f"error: cannot listen on {args.host}:{args.port} (see above)", file=sys.stderr)
+        print(f"error: cannot listen on {ui.host}:{ui.port} (see above)", file=sys.stderr)
         slot.bot.close()
         return 2
-    host = f"[{args.host}]" if ":" in args.host else args.host
-    print(f"Qwen All-in-One is ready: http://{host}:{args.port}/ (OpenAI-compatible API at /v1)", flush=True)
+    host = f"[{ui.host}]" if ":" in ui.host else ui.host
+    print(f"Qwen All-in-One is ready: http://{host}:{ui.port}/ (OpenAI-compatible API at /v1)", flush=True)
     try:
         while thread.is_alive():
             thread.join(0.5)

@@ -159,6 +159,7 @@ def test_empty_messages_are_refused_before_the_queue():
 
 def test_cli_defaults_come_from_the_settings_dataclasses():
     args = app.parse_args([])
-    ui = app.AppSettings()
-    assert (args.model, args.models_dir, args.host, args.port) == (ui.model, ui.models_dir, ui.host, ui.port)
-    assert args.n_threads == app.Settings().n_threads
+    assert args.ui == app.AppSettings() and args.load == {}
+    args = app.parse_args(["--port", "7999", "--parallel", "3", "--models-dir", "elsewhere"])
+    assert (args.ui.port, str(args.ui.models_dir), args.load) == (7999, "elsewhere", {"parallel": 3})
+    assert app.Settings(**args.load).parallel == 3

@@ -66,12 +66,18 @@ def test_reply_is_chinese_text_that_stops(bot):
     assert "<|im_end|>" not in reply and "<|im_start|>" not in reply
 
 
-def test_multi_turn_reuses_the_conversation(bot):
+def test_multi_turn_decodes_only_the_new_turn_after_another_users_turn(bot):
+    """KV reuse on the real model, proven by llama.cpp's own decoded-token counter."""
     text1, text2 = "我叫小明，今天心情不好。", "你还记得我叫什么吗？"
-    r1 = bot.reply(text1, sentiment=bot.classify(text1), seed=2, max_tokens=32)
+    r1 = bot.reply(text1, sentiment=bot.classify(text1), seed=2, max_tokens=32, conversation="ming")
+    bot.reply("Write a haiku about autumn.", seed=3, max_tokens=16, conversation="other")   # another user between
     history = [{"role": "user", "content": text1}, {"role": "assistant", "content": r1}]
-    held_before = list(bot._backend.held[0])
-    bot.classify(text2)
-    prompt = bot._chat_prompt(text2, "", [(m["role"], m["content"]) for m in history], "zh", bot.chat_budget)
-    shared = next((i for i, (a, b) in enumerate(zip(held_before, prompt)) if a != b), len(prompt))
-    assert shared >= len(prompt) - 40      # only the new user turn (and template) needs decoding
+    s2 = bot.classify(text2)
+    before = bot.stats()["decoded_tokens"]
+    stream = bot.stream_reply(text2, history=history, sentiment=s2, seed=4, max_tokens=8, conversation="ming")
+    "".join(stream)
+    decoded = bot.stats()["decoded_tokens"] - before
+    new = stream.usage["prompt_tokens"] - stream.usage["cached_tokens"]
+    assert stream.usage["cached_tokens"] >= bot.count_tokens(text1) + bot.count_tokens(r1)
+    assert new <= bot.count_tokens(text2) + 30             # the new turn, its cue and template tokens
+    assert decoded <= new + stream.usage["completion_tokens"]

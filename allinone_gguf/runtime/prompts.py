@@ -97,12 +97,5 @@ SENTIMENT_CUE: dict[str, str] = {
     "en": "\n\n(Detected sentiment: {label})",
 }
 
-# Fused mode: one ChatML turn whose first line is the grammar-forced label, then the reply.
-FUSED_SYSTEM: dict[str, str] = {
-    "zh": CHAT_SYSTEM["zh"] + "\n回答格式：第一行只写用户这句话的情感倾向，\"正面\" 或 \"负面\"；从第二行起写给用户的回复。",
-    "en": CHAT_SYSTEM["en"] + "\nAnswer format: the first line is only the sentiment of the user's message, "
-                              "\"Positive\" or \"Negative\"; the reply to the user starts on the second line.",
-}
-
 # Shown between the head and the tail of a text that is too long for its budget.
 ELISION = "……"
