@@ -547,3 +547,9 @@ def test_when_running_replies_fill_the_cache_a_new_prompt_waits_for_them():
         second = b.stream_reply("b" * 290)                # ~330 + 290: does not fit beside the first
         assert "".join(second) == "b" * 290 and "".join(first) == "a" * 50
         assert first.finish_reason == second.finish_reason == "stop"
+
+
+def test_think_blocks_never_reach_the_reader(bot):
+    backend(bot).reply_bytes = "<think>\n让我想想……</think>\n\n你好！".encode()
+    stream = bot.stream_reply("在吗")
+    assert "".join(stream) == "你好！" and stream.finish_reason == "stop"
