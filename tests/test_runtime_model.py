@@ -198,3 +198,28 @@ def test_concurrent_callers_get_the_answers_they_would_get_alone(bot):
     for t in texts:
         assert together[t][0] == pytest.approx(alone[t][0], abs=1e-4)
         assert together[t][1] == alone[t][1]
+
+
+def _rss_mb() -> float:
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS")
+
+
+def test_a_thousand_turns_keep_memory_flat(tiny_models):
+    """1,000 turns of three conversations over two slots (so slots are evicted and rebuilt): RSS stays flat."""
+    with AllInOne(tiny_models["Q4_K_M"], n_threads=1, n_ctx=1024, max_tokens=3, parallel=2) as b:
+        histories: dict[int, list[dict]] = {0: [], 1: [], 2: []}
+        rss = {}
+        for i in range(1000):
+            who, text = i % 3, f"第{i}句话"
+            s = b.classify(text)
+            r = b.reply(text, history=histories[who][-16:], sentiment=s, seed=i, conversation=str(who))
+            histories[who] += [{"role": "user", "content": text}, {"role": "assistant", "content": r}]
+            if i in (99, 999):
+                rss[i] = _rss_mb()
+        growth = rss[999] - rss[99]
+        print(f"RSS after 100 turns {rss[99]:.1f} MB, after 1000 {rss[999]:.1f} MB: growth {growth:+.1f} MB")
+        assert growth < 16, f"RSS grew {growth:.1f} MB over 900 turns"
+        assert b.load["streams"] == 0 and b.load["waiting"] == 0
