@@ -28,6 +28,8 @@ import numpy as np
 from convert.pipeline import DEFAULT_TYPES
 from convert.reference_files import reference_converter
 
+from ..runtime.ceiling import teacher_forced_argmax
+
 ROOT = Path(__file__).resolve().parents[2]
 
 # Fixed texts for the agreement check, written for this purpose (not taken from any data set).
@@ -66,16 +68,6 @@ def run_measured(cmd: list[str], cwd: Path | None = None) -> tuple[float, float]
     return seconds, max(peak, before) / 1024
 
 
-def argmax_positions(model_path: Path, text: str, n_threads: int) -> np.ndarray:
-    import llama_cpp
-    llm = llama_cpp.Llama(str(model_path), n_ctx=1024, n_threads=n_threads, logits_all=True, verbose=False)
-    tokens = llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)
-    llm.eval(tokens)
-    logits = np.asarray(llm.scores[: len(tokens)])
-    del llm
-    return logits.argmax(axis=1)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("checkout", type=Path)
@@ -107,9 +99,9 @@ def main() -> None:
             rows.append((f"size {q}", f"{f.stat().st_size / 1e6:.0f} MB", ""))
         agree = {q: [] for q in DEFAULT_TYPES if q != "F16"}
         for text in TEXTS:
-            base = argmax_positions(files["F16"], text, args.threads)
+            base = teacher_forced_argmax(files["F16"], text, args.threads)
             for q in agree:
-                agree[q].append(argmax_positions(files[q], text, args.threads) == base)
+                agree[q].append(teacher_forced_argmax(files[q], text, args.threads) == base)
         for q, parts in agree.items():
             allpos = np.concatenate(parts)
             zh = np.concatenate(parts[0::2]).mean()

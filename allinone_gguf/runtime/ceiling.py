@@ -22,6 +22,19 @@ def _greedy(b: Backend, row: int) -> int:
     return int(b.logits_row(row).argmax())
 
 
+def teacher_forced_argmax(path: str | Path, text: str, n_threads: int):
+    """The most likely next token at every position of `text` (numpy array), from one forward pass with logits
+    for every position: compares quantized files with their F16 source (measure/convert_bench.py)."""
+    import numpy as np
+    llm = llama_cpp.Llama(str(path), n_ctx=1024, n_threads=n_threads, logits_all=True, verbose=False)
+    try:
+        tokens = llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)
+        llm.eval(tokens)
+        return np.asarray(llm.scores[: len(tokens)]).argmax(axis=1)
+    finally:
+        llm.close()
+
+
 def bare_prefill_s(path: str | Path, n_tokens: int, *, n_threads: int, n_ctx: int = 2048,
                    repeats: int = 3) -> tuple[float, int]:
     """(median seconds, tokens) to decode a prompt of `n_tokens` tokens into an empty sequence."""
