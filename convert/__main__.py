@@ -15,6 +15,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from .defaults import MODELS_DIR
 from .download import DownloadError, resolve
 from .hf_to_gguf import OUTTYPES, convert_hf_to_gguf
 from .pipeline import DEFAULT_TYPES, build_models
@@ -57,7 +58,8 @@ def parser() -> argparse.ArgumentParser:
 
     a = sub.add_parser("all", help="download, convert and quantize; skips what is up to date (make models)")
     a.add_argument("src", metavar="SRC", help="hub id or local checkout folder")
-    a.add_argument("--out", type=Path, default=Path("models"), help="output root; files go to OUT/<name>/ (default: models)")
+    a.add_argument("--out", type=Path, default=MODELS_DIR,
+                   help=f"output root; files go to OUT/<name>/ (default: {MODELS_DIR})")
     a.add_argument("--types", type=_types, default=DEFAULT_TYPES,
                    help=f"comma-separated files to make (default: {','.join(DEFAULT_TYPES)})")
     a.add_argument("--revision", help="hub branch, tag or commit (default: main)")

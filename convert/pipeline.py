@@ -19,11 +19,11 @@ from typing import Callable
 
 from .download import NEEDED_FILES, Source, resolve
 from .hf_to_gguf import convert_hf_to_gguf
-from .quantize import quantize_gguf
+from .quantize import QUANT_TYPES, quantize_gguf
 
 log = logging.getLogger(__name__)
 
-DEFAULT_TYPES = ("F16", "Q8_0", "Q4_K_M")
+DEFAULT_TYPES = ("F16", *QUANT_TYPES)   # the converter's F16, then each quantizer type
 MANIFEST = "manifest.json"
 
 

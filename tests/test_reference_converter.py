@@ -5,8 +5,8 @@ Qwen3-style (tied and untied, one file and sharded; one without head_dim in conf
 
 The reference (`convert_hf_to_gguf.py --outtype f16` of the llama.cpp vendored in the pinned
 llama-cpp-python) needs torch and transformers, which the product does not have: it runs in the optional
-environment `make reference-env` builds (.venv-ref), or in ALLINONE_REFERENCE_PYTHON. .ci/run builds it,
-so CI always runs this test; elsewhere it is skipped with that reason.
+environment `make reference-env` builds (.venv-ref), or in ALLINONE_REFERENCE_PYTHON. `make test` builds it
+first, so a full test run always runs this test; elsewhere it is skipped with that reason.
 """
 from __future__ import annotations
 
@@ -17,9 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, run_convert
+from conftest import CACHE, ROOT, run_convert
 from convert.compare import differences
-from tinymodel import build_checkout, fetch_reference_converter
+from convert.reference_files import reference_converter
+from tinymodel import build_checkout
 
 REFERENCE_PYTHON = Path(os.environ.get("ALLINONE_REFERENCE_PYTHON", ROOT / ".venv-ref/bin/python"))
 
@@ -42,7 +43,7 @@ def assert_same_as_reference(checkout: Path, vocab_dir: Path, tmp_path: Path) ->
     ours, ref = tmp_path / "ours-F16.gguf", tmp_path / "ref-F16.gguf"
     r = run_convert("to-gguf", str(checkout), str(ours))
     assert r.returncode == 0, r.stderr
-    script = fetch_reference_converter(vocab_dir)
+    script = reference_converter(CACHE / "vocab")
     p = subprocess.run([str(REFERENCE_PYTHON), str(script), str(checkout), "--outtype", "f16", "--outfile", str(ref)],
                        capture_output=True, text=True, timeout=600, cwd=script.parent)
     assert p.returncode == 0, p.stderr[-3000:]

@@ -17,14 +17,13 @@ bias, per-head q_norm/k_norm and an explicit head_dim that is not hidden_size / 
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
-import tarfile
-from importlib import metadata
 from pathlib import Path
 
 import gguf
 import numpy as np
+
+from convert.reference_files import VENDOR, cache_folder, extract, sdist
 
 VOCAB_FILES = ("ggml-vocab-qwen2.gguf", "ggml-vocab-qwen2.gguf.inp", "ggml-vocab-qwen2.gguf.out")
 # llama.cpp's copies of the real chat templates (models/templates/ in the sdist). Qwen2.5-0.5B-Instruct has
@@ -94,32 +93,23 @@ REAL_SIZES = {
 
 
 def fetch_vocab(cache: Path) -> Path:
-    """The folder holding VOCAB_FILES and TEMPLATE_FILES, extracted from the pinned llama-cpp-python sdist
-    (downloaded once)."""
-    version = metadata.version("llama-cpp-python")
-    folder = cache / f"llama-cpp-python-{version}"
-    wanted = {f"vendor/llama.cpp/models/{f}" for f in VOCAB_FILES}
-    wanted |= {f"vendor/llama.cpp/models/templates/{f}" for f in TEMPLATE_FILES.values()}
-    if all((folder / Path(w).name).is_file() for w in wanted):
-        return folder
-    folder.mkdir(parents=True, exist_ok=True)
-    sdists = list(folder.glob("*.tar.gz"))
-    if not sdists:
-        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
-                        "-d", str(folder), f"llama-cpp-python=={version}"], check=True)
-        sdists = list(folder.glob("*.tar.gz"))
-    with tarfile.open(sdists[0]) as tar:
-        for member in tar.getmembers():
-            if member.name.split("/", 1)[-1] in wanted:
-                (folder / Path(member.name).name).write_bytes(tar.extractfile(member).read())
-    return folder
+    """llama.cpp's models/ folder, holding VOCAB_FILES and templates/TEMPLATE_FILES, extracted from the pinned
+    llama-cpp-python sdist (downloaded once; convert/reference_files.py)."""
+    root = cache_folder(cache) / "llama.cpp"
+    wanted = [f"models/{f}" for f in VOCAB_FILES] + [f"models/templates/{f}" for f in TEMPLATE_FILES.values()]
+    if not all((root / w).is_file() for w in wanted):
+        extract(cache, wanted, root)
+    missing = [w for w in wanted if not (root / w).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{sdist(cache)}: no {VENDOR}{missing[0]}")
+    return root / "models"
 
 
 def chat_template(vocab_dir: Path, flavour: str) -> str:
     """The flavour's real chat template (Qwen1.5's is short enough to keep here)."""
     if flavour == "qwen1.5":
         return QWEN15_CHAT_TEMPLATE
-    return (vocab_dir / TEMPLATE_FILES[flavour]).read_text(encoding="utf-8")
+    return (vocab_dir / "templates" / TEMPLATE_FILES[flavour]).read_text(encoding="utf-8")
 
 
 def reference_tokenizations(vocab_dir: Path) -> list[tuple[str, list[int]]]:
@@ -289,23 +279,6 @@ def build_checkout(vocab_dir: Path, out: Path, *, flavour: str = "qwen1.5", tied
             weight_map |= {n: part for n in chunk}
         (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     return out
-
-
-def fetch_reference_converter(vocab_dir: Path) -> Path:
-    """llama.cpp's convert_hf_to_gguf.py (with its conversion/ and gguf-py/) from the same sdist."""
-    root = vocab_dir / "reference"
-    script = root / "convert_hf_to_gguf.py"
-    if script.is_file():
-        return script
-    sdist = next(vocab_dir.glob("*.tar.gz"))
-    with tarfile.open(sdist) as tar:
-        for member in tar.getmembers():
-            rel = member.name.split("/vendor/llama.cpp/", 1)[-1] if "/vendor/llama.cpp/" in member.name else None
-            if member.isfile() and rel and (rel == "convert_hf_to_gguf.py" or rel.startswith(("conversion/", "gguf-py/gguf/"))):
-                dest = root / rel
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                dest.write_bytes(tar.extractfile(member).read())
-    return script
 
 
 if __name__ == "__main__":

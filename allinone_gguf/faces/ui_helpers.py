@@ -6,8 +6,9 @@ Nothing here imports gradio or touches a model, so it is tested without a browse
     >>> badge("正面", 0.93, negative=False)
     '😄 LLM 情感判断: 正面 (置信度 93%)'
 
-It also holds the defaults every face shares, written once: the model `make models` builds and `make run`
-loads, the models folder, host and port. The Makefile reads them from here:
+It also gathers the defaults every face shares: the model `make models` builds and `make run` loads, the
+models folder and the quant type (written once in convert/defaults.py, which the pipeline owns), and the app's
+host and port. The Makefile reads them from here:
 
     python3 -m allinone_gguf.faces.ui_helpers      # prints: SOURCE MODELS_DIR QUANT HOST PORT
 """
@@ -20,9 +21,7 @@ import re
 from pathlib import Path
 from typing import Any, Iterable
 
-DEFAULT_SOURCE = "Qwen/Qwen1.5-0.5B-Chat"   # hub id (or folder) `make models` converts
-MODELS_DIR = Path("models")                  # where `make models` writes and the app's model menu looks
-DEFAULT_QUANT = "Q4_K_M"                     # the file the app and the CLI load: smallest and fastest
+from convert.defaults import DEFAULT_QUANT, DEFAULT_SOURCE, MODELS_DIR
 
 
 def model_file(source: str, quant: str = DEFAULT_QUANT, models_dir: Path = MODELS_DIR) -> Path:
