@@ -43,7 +43,7 @@ SYSTEM_PACKAGES := chromium fonts-noto-cjk
 PROXY_TOOL ?= ../shared/tools/proxy-model.sh
 PYTEST_ARGS ?=
 
-.PHONY: help setup models run test system-packages bench bench-baseline clean reference-env
+.PHONY: help setup models run test system-packages bench bench-baseline bench-ray clean reference-env ray-env
 
 help:
 	@echo "make setup                 virtual env in $(VENV) with the pinned dependencies (builds llama-cpp-python, ~6 min the first time)"
@@ -53,6 +53,8 @@ help:
 	@echo "make bench [MODEL=...]     speed, memory and accuracy of the Q4_K_M and Q8_0 files (or MODEL=\"a.gguf b.gguf\") -> bench/results/"
 	@echo "make bench-baseline        the same plus the seeds' transformers FP32 approach on BASELINE=$(BASELINE) (needs make reference-env)"
 	@echo "make reference-env         optional: $(REF_VENV) with torch + transformers for the reference-converter test"
+	@echo "make ray-env               optional: Ray (the ray extra) in $(VENV), for classify --engine ray and tests/test_ray.py"
+	@echo "make bench-ray [MODEL=x]   texts/s of classify, local vs Ray (1 actor x 2 threads, 2 x 1) on 2,000 texts"
 	@echo "make clean                 remove built models and caches (keeps the virtual env)"
 
 setup: $(VENV)/.installed
@@ -107,6 +109,18 @@ endif
 bench-baseline: setup
 	@test -x $(REF_VENV)/bin/python || echo "note: $(REF_VENV) is missing, so the baseline will be skipped; make reference-env builds it"
 	$(BENCH_CMD) --baseline $(BASELINE) --baseline-python $(REF_VENV)/bin/python
+
+# The ray extra (pyproject.toml) in the project's env: classify --engine ray and tests/test_ray.py need it.
+ray-env: $(VENV)/.ray-installed
+
+$(VENV)/.ray-installed: $(VENV)/.installed pyproject.toml
+	$(PYTHON) -m pip install -q --find-links $(WHEELHOUSE) -e '.[test,ray]'
+	touch $@
+
+# MODEL defaults to the real 0.5B stand-in (a coder model) made by PROXY_TOOL.
+bench-ray: ray-env
+	@model="$(if $(filter command line environment,$(origin MODEL)),$(MODEL),$$(bash $(PROXY_TOOL) | tail -n 1))"; \
+	$(PYTHON) -m allinone_gguf.measure.bench_ray --model "$$model"
 
 reference-env: $(REF_VENV)/.installed
 

@@ -23,6 +23,7 @@ from pathlib import Path
 from ..measure.metrics import NEGATIVE, normalise_gold, score
 from ..runtime.config import Settings
 from .flags import add_settings_arguments, overrides
+from .ray_classify import add_engine_arguments, local_input, run_classify_ray
 from .rowio import RowWriter, count_done, detect_format, open_text, output_header, read_records, read_rows
 from .ui_helpers import DEFAULT_MODEL, badge
 
@@ -73,8 +74,8 @@ def add_classify_parser(sub) -> None:
                     "`error` columns, one row at a time (an interrupted run loses nothing; --resume continues "
                     "it). Bad rows (empty text, broken UTF-8, wrong number of CSV fields) are reported with "
                     "their line numbers and written with `error` set; the run goes on.")
-    p.add_argument("input", help="CSV/TSV (header line first), JSONL, or plain text one message per line; "
-                                 "`-` reads stdin")
+    p.add_argument("input", nargs="+", help="CSV/TSV (header line first), JSONL, or plain text one message per "
+                                            "line; `-` reads stdin (--engine ray: files, folders, globs, Parquet)")
     p.add_argument("-o", "--output", default="-",
                    help="output file; .jsonl/.json gives JSONL, anything else CSV (default: stdout, in the "
                         "input's format)")
@@ -95,6 +96,7 @@ def add_classify_parser(sub) -> None:
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     add_model_argument(p)
     add_settings_arguments(p, CLASSIFY_SETTINGS)
+    add_engine_arguments(p)
     p.set_defaults(func=run_classify)
 
 
@@ -191,6 +193,12 @@ def _write_all(path: str, fmt: str, header, rows: list[dict]) -> None:
 
 
 def run_classify(args) -> int:
+    try:
+        if args.engine == "ray":
+            return run_classify_ray(args)
+        args.input = local_input(args)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
     out = args.output
     out_fmt_ext = detect_format(out) if out != "-" else None
     if args.resume and out == "-":
