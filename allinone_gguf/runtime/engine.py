@@ -63,6 +63,13 @@ class AllInOne:
     def __init__(self, model_path: str | Path, settings: Settings | None = None, **overrides):
         self.settings = s = (settings or Settings()).replace(**overrides)
         self.model_path = Path(model_path)
+        self._worker = Scheduler(self._load, sentiment_seq=SEQ_SENTIMENT, branch_seqs=range(1, 1 + BRANCHES),
+                                 slot_seqs=range(1 + BRANCHES, 1 + BRANCHES + s.parallel), max_queue=s.max_queue,
+                                 queue_timeout=s.queue_timeout)
+
+    def _load(self):
+        """The backend with both roles' fixed prompts prepared; runs on the worker thread."""
+        s = self.settings
         b = self.backend_class(self.model_path, n_ctx=s.n_ctx, n_threads=s.n_threads,
                                n_seq=1 + BRANCHES + s.parallel)
         try:
@@ -94,9 +101,7 @@ class AllInOne:
         except BaseException:
             b.close()
             raise
-        self._worker = Scheduler(b, sentiment_seq=SEQ_SENTIMENT, branch_seqs=range(1, 1 + BRANCHES),
-                                 slot_seqs=range(1 + BRANCHES, 1 + BRANCHES + s.parallel), max_queue=s.max_queue,
-                                 queue_timeout=s.queue_timeout, is_end=b.is_end)
+        return b
 
     # -- public API ---------------------------------------------------------------------------------------------
     def label_set(self, labels: str | None = None) -> tuple[str, str]:
