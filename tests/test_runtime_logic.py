@@ -318,8 +318,8 @@ def test_cue_reaches_the_user_turn_and_is_remembered_per_conversation(bot):
     assert "差" + cue in text and "好" + cue not in text        # remembered for history; no sentiment, no cue
     # the cue lives with the conversation's slot, not with the words: once the slot went to other
     # conversations, the same history comes back without it
-    for other in ("c", "d"):
-        bot.reply("别的话", conversation=other)
+    for other in range(bot.settings.parallel):
+        bot.reply("别的话", conversation=str(other))
     bot.reply("好", history=[{"role": "user", "content": "差"}, {"role": "assistant", "content": r}],
               conversation="a")
     _, tokens = backend(bot).decodes[-1]
