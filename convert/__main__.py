@@ -5,6 +5,7 @@
     python -m convert download Qwen/Qwen1.5-0.5B-Chat      # just fetch the files
     python -m convert to-gguf CHECKOUT OUT.gguf            # just convert (F16 by default)
     python -m convert quantize IN-F16.gguf OUT.gguf --type Q8_0
+    python -m convert lora ADAPTER_DIR BASE.gguf OUT.gguf  # a PEFT LoRA adapter -> GGUF LoRA (F16 by default)
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from tqdm import tqdm
 from .defaults import MODELS_DIR
 from .download import DownloadError, resolve
 from .hf_to_gguf import OUTTYPES, convert_hf_to_gguf
+from .lora_to_gguf import convert_lora_to_gguf
 from .pipeline import DEFAULT_TYPES, build_models
 from .quantize import QUANT_TYPES, quantize_gguf
 from .safetensors_np import CheckpointError
@@ -80,6 +82,13 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("dst", type=Path)
     q.add_argument("--type", dest="qtype", choices=list(QUANT_TYPES), required=True)
     q.add_argument("--threads", type=int, default=None)
+
+    lo = sub.add_parser("lora", help="convert a PEFT LoRA adapter (adapter_config.json + adapter_model.safetensors) "
+                                     "to a GGUF LoRA for llama.cpp")
+    lo.add_argument("adapter", type=Path, help="the adapter folder (what PEFT's save_pretrained writes)")
+    lo.add_argument("base", type=Path, help="the model it was trained on: its GGUF file or its checkout folder")
+    lo.add_argument("out", type=Path)
+    lo.add_argument("--outtype", choices=list(OUTTYPES), default="F16", help="default: F16")
     return p
 
 
@@ -99,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
             print(convert_hf_to_gguf(args.checkout, args.out, args.outtype, progress=tqdm_bar("convert")))
         elif args.command == "quantize":
             print(quantize_gguf(args.src, args.dst, args.qtype, args.threads, progress=tqdm_bar("quantize", unit="tensor")))
+        elif args.command == "lora":
+            print(convert_lora_to_gguf(args.adapter, args.base, args.out, args.outtype, progress=tqdm_bar("convert")))
     except (CheckpointError, DownloadError, FileNotFoundError, ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

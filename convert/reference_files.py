@@ -1,7 +1,8 @@
 """llama.cpp's own reference files, taken from the pinned llama-cpp-python source package on PyPI.
 
-    from convert.reference_files import reference_converter, vendored_file
+    from convert.reference_files import reference_converter, reference_lora_converter, vendored_file
     script = reference_converter(Path(".cache/vocab"))        # llama.cpp's convert_hf_to_gguf.py and its imports
+    lora = reference_lora_converter(Path(".cache/vocab"))     # its convert_lora_to_gguf.py, beside it
     header = vendored_file(Path(".cache/vocab"), "ggml/include/ggml.h")
 
 The sdist carries the llama.cpp that the installed llama-cpp-python was built from (`vendor/llama.cpp/`), so
@@ -20,6 +21,8 @@ from pathlib import Path
 VENDOR = "vendor/llama.cpp/"   # where llama.cpp sits inside the sdist (after its top folder)
 # What convert_hf_to_gguf.py imports besides the standard library and torch/transformers.
 CONVERTER_PARTS = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/gguf/")
+# convert_lora_to_gguf.py reuses the model classes of conversion/ (and gguf-py/) from the same folder.
+LORA_CONVERTER_PARTS = ("convert_lora_to_gguf.py", *CONVERTER_PARTS)
 
 
 def cache_folder(cache: Path) -> Path:
@@ -77,4 +80,15 @@ def reference_converter(cache: Path) -> Path:
         extract(cache, CONVERTER_PARTS, root)
     if not script.is_file():
         raise FileNotFoundError(f"{sdist(cache)}: no {VENDOR}convert_hf_to_gguf.py")
+    return script
+
+
+def reference_lora_converter(cache: Path) -> Path:
+    """llama.cpp's convert_lora_to_gguf.py, beside the convert_hf_to_gguf.py, conversion/ and gguf-py/ it uses."""
+    root = cache_folder(cache) / "reference"
+    script = root / "convert_lora_to_gguf.py"
+    if not script.is_file():
+        extract(cache, LORA_CONVERTER_PARTS, root)
+    if not script.is_file():
+        raise FileNotFoundError(f"{sdist(cache)}: no {VENDOR}convert_lora_to_gguf.py")
     return script
