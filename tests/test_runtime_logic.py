@@ -308,7 +308,7 @@ def test_stop_strings_end_the_reply_and_are_not_sent(bot):
 def test_cue_reaches_the_user_turn_and_is_remembered_per_conversation(bot):
     s = bot.classify("差")
     r = bot.reply("差", sentiment=s, conversation="a")
-    cue = SENTIMENT_CUE["zh"].format(label="负面")
+    cue = SENTIMENT_CUE["zh"][1]
     seq, tokens = backend(bot).decodes[-1]
     assert "差" + cue in held_text(tokens)
     bot.reply("好", history=[{"role": "user", "content": "差"}, {"role": "assistant", "content": r}],

@@ -81,3 +81,22 @@ def test_multi_turn_decodes_only_the_new_turn_after_another_users_turn(bot):
     assert stream.usage["cached_tokens"] >= bot.count_tokens(text1) + bot.count_tokens(r1)
     assert new <= bot.count_tokens(text2) + 30             # the new turn, its cue and template tokens
     assert decoded <= new + stream.usage["completion_tokens"]
+
+
+ECHO_MESSAGES = ["今天的实验终于成功了，太棒了！", "等了两个小时外卖还没到，气死了。", "孩子考上了理想的大学，全家都很开心。",
+                 "手机用了三天就黑屏，售后还推卸责任。", "周末和朋友去爬山，风景特别好。", "最近睡眠不太好，白天总是没精神。",
+                 "面试通过了，下周一就去新公司报到！", "项目又被砍了，心里很难受。", "第一次做蛋糕就成功了，好有成就感。",
+                 "被领导当众批评了，好丢脸。", "收到了老朋友寄来的明信片。", "房东突然说要涨房租，好烦。"]
+# A note in brackets about the mood or the label, as the cue was once echoed: "…（检测到“正面”情绪）".
+CUE_ECHO = re.compile(r"[（(【\[][^）)】\]]{0,16}(情绪|检测|心情|正面|负面)[^）)】\]]{0,16}[）)】\]]")
+
+
+def test_replies_do_not_echo_the_sentiment_cue(bot):
+    """Issue 13, bug 6: count cue echoes over a fixed set (measured 0 of 48 with the current cue, 1 of 48 with
+    the old "（检测到“…”情绪）"; four seeds there, one here to keep the suite short)."""
+    echoes = []
+    for text, s in zip(ECHO_MESSAGES, bot.classify_many(ECHO_MESSAGES)):
+        reply = bot.reply(text, sentiment=s, seed=1, max_tokens=64)
+        if CUE_ECHO.search(reply) or s.label in reply:
+            echoes.append(reply)
+    assert len(echoes) <= 1, echoes

@@ -175,7 +175,7 @@ class AllInOne:
         cue = ""
         if sentiment is not None:
             lang = next((k for k, v in LABEL_SETS.items() if sentiment.label in v), lang)
-            cue = SENTIMENT_CUE[lang].format(label=sentiment.label)
+            cue = SENTIMENT_CUE[lang][0 if sentiment.is_positive else 1]
         max_tokens = min(max_tokens, self.chat_budget // 2)
         budget = self.chat_budget - max_tokens
 
