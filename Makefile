@@ -2,8 +2,9 @@
 PY       ?= python3
 VENV     ?= .venv
 PYTHON   := $(VENV)/bin/python
-# The defaults are written once, in allinone_gguf/faces/ui_helpers.py (standard library only, so the system
-# Python reads them before the virtual env exists): source checkout, models folder, quant type, host, port.
+# The defaults are written once (the pipeline's in convert/defaults.py, the app's in allinone_gguf/faces/ui_helpers.py,
+# both standard library only, so the system Python reads them before the virtual env exists) and printed by
+# ui_helpers: source checkout, models folder, quant type, host, port.
 APP_DEFAULTS := $(shell $(PY) -m allinone_gguf.faces.ui_helpers)
 ifneq ($(words $(APP_DEFAULTS)),5)
 $(error cannot read the defaults with `$(PY) -m allinone_gguf.faces.ui_helpers` (Python >= 3.10 needed; PY=...))
@@ -50,7 +51,7 @@ help:
 	@echo "make models [SRC=...]      download SRC (hub id or local folder), convert to F16 GGUF, quantize to Q8_0 and Q4_K_M under $(MODELS)/<name>/"
 	@echo "make run [SRC=...]         the app on http://$(HOST):$(PORT) with $(RUN_MODEL) (runs make models first when it is missing)"
 	@echo "make test                  the whole test suite, after installing what it needs (system packages when root, $(REF_VENV), the stand-in model)"
-	@echo "make bench [MODEL=...]     speed, memory and accuracy of the Q4_K_M and Q8_0 files (or MODEL=\"a.gguf b.gguf\") -> bench/results/"
+	@echo "make bench [MODEL=...]     speed, memory and accuracy of the Q4_K_M and Q8_0 files (or MODEL=\"a.gguf b.gguf\"), then serving figures (1-8 concurrent streams vs bare llama_decode) of the first -> bench/results/"
 	@echo "make bench-baseline        the same plus the seeds' transformers FP32 approach on BASELINE=$(BASELINE) (needs make reference-env)"
 	@echo "make reference-env         optional: $(REF_VENV) with torch + transformers for the reference-converter test"
 	@echo "make ray-env               optional: Ray (the ray extra) in $(VENV), for classify --engine ray and tests/test_ray.py"
@@ -76,7 +77,7 @@ run: setup
 	@test -f $(RUN_MODEL) || $(MAKE) models
 	$(PYTHON) app.py --model $(RUN_MODEL) --models-dir $(MODELS) --host $(HOST) --port $(PORT)
 
-test: setup reference-env system-packages
+test: setup reference-env ray-env system-packages
 	@set -e; \
 	if [ -z "$$ALLINONE_PROXY_MODEL" ] && [ -f $(PROXY_TOOL) ]; then \
 	  echo "== the real 0.5B stand-in for the slow tests ($(PROXY_TOOL))"; \
@@ -105,6 +106,7 @@ ifeq ($(origin MODEL),file)
 	@for f in $(DEFAULT_BENCH); do test -f $$f || { $(MAKE) models || exit 1; break; }; done
 endif
 	$(BENCH_CMD)
+	$(PYTHON) -m allinone_gguf.measure.bench_serving $(firstword $(MODEL))
 
 bench-baseline: setup
 	@test -x $(REF_VENV)/bin/python || echo "note: $(REF_VENV) is missing, so the baseline will be skipped; make reference-env builds it"
