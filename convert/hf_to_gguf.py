@@ -133,6 +133,37 @@ def _write_tensor(fout, t: TensorRef, qtype: gguf.GGMLQuantizationType) -> None:
         chunk.astype(np_type).tofile(fout)
 
 
+def write_gguf(writer: gguf.GGUFWriter, out: Path, tensors: list[Callable], total: int,
+               progress: Callable[[int, int], None] | None = None) -> Path:
+    """Write the header, metadata and tensor infos already added to `writer`, then each tensor's data through
+    its function (f -> None, streaming), padded as GGUF wants, to `<out>.tmp`, renamed to `out` at the end: a
+    failure leaves no half-written file. `total` bytes drive `progress(done, total)`."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    try:
+        writer.write_header_to_file(path=tmp)
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        fout = writer.fout[0]
+        writer.write_padding(fout, fout.tell())
+        done = 0
+        for write in tensors:
+            start = fout.tell()
+            write(fout)
+            written = fout.tell() - start
+            writer.write_padding(fout, written)
+            done += written
+            if progress:
+                progress(done, total)
+        writer.close()
+        os.replace(tmp, out)
+    except BaseException:
+        writer.close()
+        tmp.unlink(missing_ok=True)
+        raise
+    return out
+
+
 def convert_hf_to_gguf(checkout: Path, out: Path, outtype: str = "F16",
                        progress: Callable[[int, int], None] | None = None) -> Path:
     """Write `out` from the checkout; `progress(done_bytes, total_bytes)` is called after each tensor."""
@@ -177,30 +208,8 @@ def convert_hf_to_gguf(checkout: Path, out: Path, outtype: str = "F16",
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     add_vocab_to_gguf(writer, vocab)
 
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
     total = sum(t.n_elements * (2 if q == gguf.GGMLQuantizationType.F16 else 4) for t, q in plan)
-    try:
-        writer.write_header_to_file(path=tmp)
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        fout = writer.fout[0]
-        writer.write_padding(fout, fout.tell())
-        done = 0
-        for t, qtype in plan:
-            start = fout.tell()
-            _write_tensor(fout, t, qtype)
-            written = fout.tell() - start
-            writer.write_padding(fout, written)
-            done += written
-            if progress:
-                progress(done, total)
-        writer.close()
-        os.replace(tmp, out)
-    except BaseException:
-        writer.close()
-        tmp.unlink(missing_ok=True)
-        raise
+    out = write_gguf(writer, Path(out), [lambda f, t=t, q=q: _write_tensor(f, t, q) for t, q in plan], total,
+                     progress)
     log.info("wrote %s (%d tensors)", out, len(plan))
     return out

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -34,7 +33,7 @@ from typing import Callable
 import gguf
 import numpy as np
 
-from .hf_to_gguf import OUTTYPES, SUPPORTED_ARCHITECTURES, _write_tensor, model_arch, read_config
+from .hf_to_gguf import OUTTYPES, SUPPORTED_ARCHITECTURES, _write_tensor, model_arch, read_config, write_gguf
 from .safetensors_np import CheckpointError, SafetensorsFile, TensorRef, checkpoint_tensors
 
 log = logging.getLogger(__name__)
@@ -256,30 +255,8 @@ def convert_lora_to_gguf(adapter_dir: Path, base: Path, out: Path, outtype: str 
                              gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.UINT32)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
     total = sum(t.n_elements for t, _ in plan) * np_type.itemsize
-    try:
-        writer.write_header_to_file(path=tmp)
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        fout = writer.fout[0]
-        writer.write_padding(fout, fout.tell())
-        done = 0
-        for t, transposed in plan:
-            start = fout.tell()
-            (_write_transposed if transposed else _write_tensor)(fout, t, qtype)
-            written = fout.tell() - start
-            writer.write_padding(fout, written)
-            done += written
-            if progress:
-                progress(done, total)
-        writer.close()
-        os.replace(tmp, out)
-    except BaseException:
-        writer.close()
-        tmp.unlink(missing_ok=True)
-        raise
+    writes = [lambda f, t=t, tr=tr: (_write_transposed if tr else _write_tensor)(f, t, qtype) for t, tr in plan]
+    out = write_gguf(writer, Path(out), writes, total, progress)
     log.info("wrote %s (%d LoRA pairs for %s)", out, len(pairs), model.path)
     return out
