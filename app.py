@@ -47,7 +47,6 @@ from allinone_gguf.faces.ui_helpers import (
     AppSettings,
     assistant_text,
     badge,
-    content_text,
     history_from_chat,
     is_loopback,
     list_models,

@@ -2,7 +2,6 @@
 controls, and on the tiny model the same figures as classify() gives, text by text."""
 from __future__ import annotations
 
-import math
 import re
 import subprocess
 import sys

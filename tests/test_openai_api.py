@@ -6,8 +6,6 @@ are complete and each its own — not what the replies say.
 """
 from __future__ import annotations
 
-import json
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
