@@ -110,7 +110,7 @@ class Slot:
 
 
 class ReplyJob(Job):
-    """A streamed reply. The caller iterates it for text pieces; `close()` cancels it.
+    """The worker's side of a streamed reply (the caller holds a ReplyStream over it).
 
     `prepare(backend, slot)` runs on the worker and returns (prompt tokens, the turns now held, window start,
     sampler); the worker then decodes the prompt after the prefix the slot already holds, samples, and puts
