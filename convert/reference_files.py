@@ -72,23 +72,21 @@ def vendored_file(cache: Path, rel: str) -> Path:
     return path
 
 
+def _reference_script(cache: Path, name: str, parts) -> Path:
+    root = cache_folder(cache) / "reference"
+    script = root / name
+    if not script.is_file():
+        extract(cache, parts, root)
+    if not script.is_file():
+        raise FileNotFoundError(f"{sdist(cache)}: no {VENDOR}{name}")
+    return script
+
+
 def reference_converter(cache: Path) -> Path:
     """llama.cpp's convert_hf_to_gguf.py, with the conversion/ and gguf-py/ it imports beside it."""
-    root = cache_folder(cache) / "reference"
-    script = root / "convert_hf_to_gguf.py"
-    if not script.is_file():
-        extract(cache, CONVERTER_PARTS, root)
-    if not script.is_file():
-        raise FileNotFoundError(f"{sdist(cache)}: no {VENDOR}convert_hf_to_gguf.py")
-    return script
+    return _reference_script(cache, "convert_hf_to_gguf.py", CONVERTER_PARTS)
 
 
 def reference_lora_converter(cache: Path) -> Path:
     """llama.cpp's convert_lora_to_gguf.py, beside the convert_hf_to_gguf.py, conversion/ and gguf-py/ it uses."""
-    root = cache_folder(cache) / "reference"
-    script = root / "convert_lora_to_gguf.py"
-    if not script.is_file():
-        extract(cache, LORA_CONVERTER_PARTS, root)
-    if not script.is_file():
-        raise FileNotFoundError(f"{sdist(cache)}: no {VENDOR}convert_lora_to_gguf.py")
-    return script
+    return _reference_script(cache, "convert_lora_to_gguf.py", LORA_CONVERTER_PARTS)

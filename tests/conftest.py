@@ -34,6 +34,16 @@ def run_convert(*args: str, env: dict | None = None) -> subprocess.CompletedProc
                           env=env, timeout=600)
 
 
+def assert_one_line_error(result: subprocess.CompletedProcess, out_dir: Path, *words: str) -> None:
+    """A command failed with exit status 1 and one `error: ...` line naming `words`, leaving no GGUF behind."""
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for w in words:
+        assert w in lines[0], lines[0]
+    assert not any(out_dir.rglob("*.gguf")) and not any(out_dir.rglob("*.tmp"))
+
+
 @pytest.fixture(scope="session")
 def vocab_dir() -> Path:
     return fetch_vocab(CACHE / "vocab")

@@ -12,7 +12,7 @@ import gguf
 import llama_cpp
 import pytest
 
-from conftest import QUANTS, ROOT, run_convert
+from conftest import QUANTS, ROOT, assert_one_line_error, run_convert
 from fakehub import FakeHub
 from tinymodel import build_checkout, reference_tokenizations
 
@@ -89,21 +89,12 @@ def _broken_copy(tiny_checkout, tmp_path, name="broken"):
     return dst
 
 
-def _assert_clean_failure(result, out_dir, *words):
-    assert result.returncode == 1
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    for w in words:
-        assert w in lines[0], lines[0]
-    assert not any(out_dir.rglob("*.gguf")) and not any(out_dir.rglob("*.tmp"))
-
-
 def test_other_architecture_is_refused_with_the_file_named(tiny_checkout, tmp_path):
     bad = _broken_copy(tiny_checkout, tmp_path)
     cfg = json.loads((bad / "config.json").read_text())
     cfg["architectures"] = ["LlamaForCausalLM"]
     (bad / "config.json").write_text(json.dumps(cfg))
-    _assert_clean_failure(run_convert("all", str(bad), "--out", str(tmp_path / "m")), tmp_path / "m",
+    assert_one_line_error(run_convert("all", str(bad), "--out", str(tmp_path / "m")), tmp_path / "m",
                           "config.json", "LlamaForCausalLM", "not supported")
 
 
@@ -111,7 +102,7 @@ def test_truncated_safetensors_fails_and_leaves_no_gguf(tiny_checkout, tmp_path)
     bad = _broken_copy(tiny_checkout, tmp_path)
     st = bad / "model.safetensors"
     os.truncate(st, st.stat().st_size // 2)
-    _assert_clean_failure(run_convert("all", str(bad), "--out", str(tmp_path / "m")), tmp_path / "m",
+    assert_one_line_error(run_convert("all", str(bad), "--out", str(tmp_path / "m")), tmp_path / "m",
                           "model.safetensors", "truncated")
 
 
@@ -119,15 +110,15 @@ def test_missing_tokenizer_fails_before_writing(tiny_checkout, tmp_path):
     bad = _broken_copy(tiny_checkout, tmp_path)
     for f in ("tokenizer.json", "vocab.json"):
         (bad / f).unlink()
-    _assert_clean_failure(run_convert("all", str(bad), "--out", str(tmp_path / "m")), tmp_path / "m",
+    assert_one_line_error(run_convert("all", str(bad), "--out", str(tmp_path / "m")), tmp_path / "m",
                           "tokenizer.json", "vocab.json")
 
 
 def test_missing_weights_and_missing_folder(tiny_checkout, tmp_path):
     bad = _broken_copy(tiny_checkout, tmp_path)
     (bad / "model.safetensors").unlink()
-    _assert_clean_failure(run_convert("all", str(bad), "--out", str(tmp_path / "m")), tmp_path / "m", "safetensors")
-    _assert_clean_failure(run_convert("all", str(tmp_path / "nowhere"), "--out", str(tmp_path / "m")),
+    assert_one_line_error(run_convert("all", str(bad), "--out", str(tmp_path / "m")), tmp_path / "m", "safetensors")
+    assert_one_line_error(run_convert("all", str(tmp_path / "nowhere"), "--out", str(tmp_path / "m")),
                           tmp_path / "m", "nowhere")
 
 
@@ -155,7 +146,7 @@ def test_download_through_hf_endpoint_fetches_only_needed_files(tiny_checkout, t
 def test_unreachable_hub_says_how_to_use_a_local_checkout(tmp_path):
     r = run_convert("all", "Qwen/Qwen1.5-0.5B-Chat", "--out", str(tmp_path / "m"),
                     env=_hub_env("http://127.0.0.1:9", tmp_path))
-    _assert_clean_failure(r, tmp_path / "m", "cannot download Qwen/Qwen1.5-0.5B-Chat", "local checkout", "SRC=")
+    assert_one_line_error(r, tmp_path / "m", "cannot download Qwen/Qwen1.5-0.5B-Chat", "local checkout", "SRC=")
 
 
 def test_converter_imports_neither_torch_nor_transformers():

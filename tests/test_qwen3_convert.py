@@ -16,7 +16,7 @@ import llama_cpp
 import pytest
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
-from conftest import QUANTS, run_convert
+from conftest import QUANTS, assert_one_line_error, run_convert
 from convert.compare import metadata
 from tinymodel import TINY_QWEN3_CONFIG, build_checkout, reference_tokenizations
 
@@ -112,22 +112,13 @@ def test_qwen25_instruct_style_checkout_converts_quantizes_and_chats(vocab_dir, 
     assert out["usage"]["completion_tokens"] >= 1
 
 
-def _assert_one_line_error(result, out_dir, *words):
-    assert result.returncode == 1
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    for w in words:
-        assert w in lines[0], lines[0]
-    assert not any(out_dir.rglob("*.gguf")) and not any(out_dir.rglob("*.tmp"))
-
-
 def test_unsupported_architecture_fails_in_one_line_listing_the_supported_ones(tiny_qwen3_checkout, tmp_path):
     bad = tmp_path / "moe"
     shutil.copytree(tiny_qwen3_checkout, bad)
     config = json.loads((bad / "config.json").read_text())
     config["architectures"] = ["Qwen3MoeForCausalLM"]
     (bad / "config.json").write_text(json.dumps(config))
-    _assert_one_line_error(run_convert("all", str(bad), "--out", str(tmp_path / "m")), tmp_path / "m",
+    assert_one_line_error(run_convert("all", str(bad), "--out", str(tmp_path / "m")), tmp_path / "m",
                            "config.json", "Qwen3MoeForCausalLM", "not supported", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 
 
@@ -135,5 +126,5 @@ def test_qwen3_reranker_is_refused_in_one_line(tiny_qwen3_checkout, tmp_path):
     # Qwen3-Reranker-0.6B says Qwen3ForCausalLM too; llama.cpp would make a ranking model of it
     bad = tmp_path / "Qwen3-Reranker-0.6B"
     shutil.copytree(tiny_qwen3_checkout, bad)
-    _assert_one_line_error(run_convert("all", str(bad), "--out", str(tmp_path / "m")), tmp_path / "m",
+    assert_one_line_error(run_convert("all", str(bad), "--out", str(tmp_path / "m")), tmp_path / "m",
                            "Qwen3-Reranker-0.6B", "reranker")
