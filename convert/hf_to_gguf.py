@@ -133,6 +133,21 @@ def _write_tensor(fout, t: TensorRef, qtype: gguf.GGMLQuantizationType) -> None:
         chunk.astype(np_type).tofile(fout)
 
 
+def add_general_metadata(writer: gguf.GGUFWriter, folder: Path, default_name: str) -> None:
+    """The general.* keys as the reference writes them: from the model card and generation config in `folder`,
+    the parameter count of the tensors already added to `writer` (negative for a LoRA file, so no size label)."""
+    total_params, shared, expert, n_expert = writer.get_total_parameter_count()
+    meta = gguf.Metadata.load(None, folder, None, total_params)
+    if meta.name is None:
+        meta.name = default_name
+    # gguf 0.19.0 on PyPI predates the vendored gguf-py's reading of HF's own name for this setting.
+    if meta.sampling_penalty_repeat is None:
+        meta.sampling_penalty_repeat = gguf.Metadata.load_generation_config(folder).get("repetition_penalty")
+    if meta.size_label is None and total_params > 0:
+        meta.size_label = gguf.size_label(total_params, shared, expert, n_expert)
+    meta.set_gguf_meta_model(writer)
+
+
 def write_gguf(writer: gguf.GGUFWriter, out: Path, tensors: list[Callable], total: int,
                progress: Callable[[int, int], None] | None = None) -> Path:
     """Write the header, metadata and tensor infos already added to `writer`, then each tensor's data through
@@ -194,16 +209,7 @@ def convert_hf_to_gguf(checkout: Path, out: Path, outtype: str = "F16",
     # Metadata in the reference's order: general.type, general.* from the model card, hparams,
     # quantization version, then the tokenizer.
     writer.add_type(gguf.GGUFType.MODEL)
-    total_params, shared, expert, n_expert = writer.get_total_parameter_count()
-    meta = gguf.Metadata.load(None, checkout, None, total_params)
-    if meta.name is None:
-        meta.name = checkout.name
-    # gguf 0.19.0 on PyPI predates the vendored gguf-py's reading of HF's own name for this setting.
-    if meta.sampling_penalty_repeat is None:
-        meta.sampling_penalty_repeat = gguf.Metadata.load_generation_config(checkout).get("repetition_penalty")
-    if meta.size_label is None and total_params > 0:
-        meta.size_label = gguf.size_label(total_params, shared, expert, n_expert)
-    meta.set_gguf_meta_model(writer)
+    add_general_metadata(writer, checkout, checkout.name)
     _add_hparams(writer, config, n_layers, OUTTYPES[outtype])
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     add_vocab_to_gguf(writer, vocab)

@@ -33,7 +33,8 @@ from typing import Callable
 import gguf
 import numpy as np
 
-from .hf_to_gguf import OUTTYPES, SUPPORTED_ARCHITECTURES, _write_tensor, model_arch, read_config, write_gguf
+from .hf_to_gguf import (OUTTYPES, SUPPORTED_ARCHITECTURES, _write_tensor, add_general_metadata, model_arch,
+                         read_config, write_gguf)
 from .safetensors_np import CheckpointError, SafetensorsFile, TensorRef, checkpoint_tensors
 
 log = logging.getLogger(__name__)
@@ -237,16 +238,7 @@ def convert_lora_to_gguf(adapter_dir: Path, base: Path, out: Path, outtype: str 
     # (llama.cpp's converter reads the model card there, not in the base), alpha, quantization version.
     writer.add_type(gguf.GGUFType.ADAPTER)
     writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
-    total_params, shared, expert, n_expert = writer.get_total_parameter_count()   # negative for LoRA files
-    meta = gguf.Metadata.load(None, adapter_dir, None, total_params)
-    if meta.name is None:
-        meta.name = model.folder_name
-    # gguf 0.19.0 on PyPI predates the vendored gguf-py's reading of HF's own name for this setting.
-    if meta.sampling_penalty_repeat is None:
-        meta.sampling_penalty_repeat = gguf.Metadata.load_generation_config(adapter_dir).get("repetition_penalty")
-    if meta.size_label is None and total_params > 0:
-        meta.size_label = gguf.size_label(total_params, shared, expert, n_expert)
-    meta.set_gguf_meta_model(writer)
+    add_general_metadata(writer, adapter_dir, model.folder_name)
     writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(config["lora_alpha"]))
     if config.get("alora_invocation_tokens"):
         # aLoRA: llama.cpp switches the adapter on after these tokens (uint32, as its converter writes them)

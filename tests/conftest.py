@@ -34,6 +34,13 @@ def run_convert(*args: str, env: dict | None = None) -> subprocess.CompletedProc
                           env=env, timeout=600)
 
 
+def convert_all(checkout: Path, out: Path) -> dict[str, Path]:
+    """{quant: path} of the files `python -m convert all CHECKOUT --out OUT` writes, as `make models` runs it."""
+    r = run_convert("all", str(checkout), "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    return {q: out / checkout.name / f"{checkout.name}-{q}.gguf" for q in QUANTS}
+
+
 def assert_one_line_error(result: subprocess.CompletedProcess, out_dir: Path, *words: str) -> None:
     """A command failed with exit status 1 and one `error: ...` line naming `words`, leaving no GGUF behind."""
     assert result.returncode == 1
@@ -57,10 +64,7 @@ def tiny_checkout(vocab_dir, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_models(tiny_checkout, tmp_path_factory) -> dict[str, Path]:
     """{"F16": path, "Q8_0": path, "Q4_K_M": path} of the tiny model, made by `python -m convert all`."""
-    out = tmp_path_factory.mktemp("models")
-    r = run_convert("all", str(tiny_checkout), "--out", str(out))
-    assert r.returncode == 0, r.stderr
-    return {q: out / "tiny-qwen1.5" / f"tiny-qwen1.5-{q}.gguf" for q in QUANTS}
+    return convert_all(tiny_checkout, tmp_path_factory.mktemp("models"))
 
 
 @pytest.fixture(scope="session")
@@ -84,7 +88,4 @@ def tiny_qwen3_checkout(vocab_dir, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_qwen3_models(tiny_qwen3_checkout, tmp_path_factory) -> dict[str, Path]:
     """{"F16": path, "Q8_0": path, "Q4_K_M": path} of the tiny Qwen3 model, made by `python -m convert all`."""
-    out = tmp_path_factory.mktemp("models-qwen3")
-    r = run_convert("all", str(tiny_qwen3_checkout), "--out", str(out))
-    assert r.returncode == 0, r.stderr
-    return {q: out / "tiny-qwen3" / f"tiny-qwen3-{q}.gguf" for q in QUANTS}
+    return convert_all(tiny_qwen3_checkout, tmp_path_factory.mktemp("models-qwen3"))
