@@ -52,6 +52,16 @@ def check_gguf(path: Path) -> None:
         raise _model_error(path, "not a GGUF file (bad magic)")
 
 
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """How many leading tokens `a` and `b` share."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 class KVFull(RuntimeError):
     """llama_decode found no free KV cells for the batch (every cell is held by some sequence)."""
 
@@ -137,12 +147,7 @@ class Backend:
         """
         if not tokens:
             raise ValueError("prefill needs at least one token")
-        held = self.held[seq]
-        keep = 0
-        for a, b in zip(held, tokens):
-            if a != b:
-                break
-            keep += 1
+        keep = common_prefix(self.held[seq], tokens)
         keep = min(keep, len(tokens) - 1, len(tokens) if reuse is None else reuse)   # last token: its logits
         self.truncate(seq, keep)
         for start in range(keep, len(tokens), self.n_batch):

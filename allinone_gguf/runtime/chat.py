@@ -77,6 +77,16 @@ def same_text(a: str, b: str) -> bool:
     return a == b or a.strip() == b.strip()
 
 
+def shared_turns(history: Sequence[tuple[str, str]], held: Sequence[Turn]) -> int:
+    """How many leading (role, text) turns of a request's history are the turns a slot holds."""
+    n = 0
+    for (role, text), turn in zip(history, held):
+        if role != turn.role or not same_text(text, turn.text):
+            break
+        n += 1
+    return n
+
+
 def window_start(starts: list[int], turns: Sequence[Turn], total: int, budget: int, start: int) -> int | None:
     """The first history turn to keep so that the prompt fits in `budget` tokens, chosen in one pass.
 

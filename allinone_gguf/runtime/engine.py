@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .backend import Backend
-from .chat import ChatTemplate, Turn, same_text, window_start
+from .chat import ChatTemplate, Turn, shared_turns, window_start
 from .config import Settings
 from .prompts import CHAT_SYSTEM, ELISION, LABEL_SETS, SENTIMENT_CUE, SENTIMENT_GRAMMAR
 from .scheduler import ClassifyJob, ContextOverflow, ReplyJob, ReplyStream, Scheduler
@@ -78,7 +78,8 @@ class AllInOne:
             self._elision = tok(ELISION)
             self._readers = {lang: LabelReader(b.grammar_first_tokens(SENTIMENT_GRAMMAR[lang]), b.piece, lang)
                              for lang in LABEL_SETS}
-            self._frames = {lang: sentiment_frame(s.sentiment_prompt, lang, tok, self._render_with(b))
+            self._frames = {lang: sentiment_frame(s.sentiment_prompt, lang, tok,
+                                                  lambda turns, generation: self._render(b, turns, generation)[0])
                             for lang in LABEL_SETS}
             self._system = {lang: tok(CHAT_SYSTEM[lang]) for lang in LABEL_SETS}
             longest_after = max(len(z) for _, z in self._frames.values())
@@ -94,10 +95,7 @@ class AllInOne:
             # Warm the fixed prefixes, so the first calls are as fast as the rest: the sentiment frame, and the
             # chat's system prompt in the first slot (a new conversation shares it).
             b.prefill(SEQ_SENTIMENT, self._frames[s.labels][0])
-            bos = [b.bos] if b.add_bos else []
-            system, _ = self._template.render([("system", self._system[s.labels])], False,
-                                              lambda t: b.tokenize(t, True), bos)
-            b.prefill(1 + BRANCHES, system)
+            b.prefill(1 + BRANCHES, self._render(b, [("system", self._system[s.labels])], False)[0])
         except BaseException:
             b.close()
             raise
@@ -180,13 +178,9 @@ class AllInOne:
         budget = self.chat_budget - max_tokens
 
         def prepare(b, slot):
-            held, past, matched = slot.turns, [], 0
-            for i, (role, content) in enumerate(turns):
-                if matched == i < len(held) and held[i].role == role and same_text(content, held[i].text):
-                    past.append(held[i])             # the tokens the model saw for it (cue, sampled ids)
-                    matched += 1
-                else:
-                    past.append(Turn(role, content, b.tokenize(content)))
+            matched = shared_turns(turns, slot.turns)
+            past = slot.turns[:matched] + [Turn(role, content, b.tokenize(content))   # held: the tokens the
+                                           for role, content in turns[matched:]]     # model saw (cue, sampled ids)
             body, cue_tokens = b.tokenize(text), b.tokenize(cue)
             prompt, start = self._window(b, lang, past, body + cue_tokens, budget,
                                          slot.start if 0 < slot.start <= matched else 0)
@@ -246,21 +240,18 @@ class AllInOne:
         self.close()
 
     # -- chat prompt --------------------------------------------------------------------------------------------
-    def _render_with(self, b):
-        bos = [b.bos] if b.add_bos else []
-        return lambda turns, generation: self._template.render(turns, generation, lambda t: b.tokenize(t, True),
-                                                               bos)[0]
+    def _render(self, b, turns, generation: bool) -> tuple[list[int], list[int]]:
+        """(tokens, where each turn's content starts) of `turns` through the chat template."""
+        return self._template.render(turns, generation, lambda t: b.tokenize(t, True), [b.bos] if b.add_bos else [])
 
     def _window(self, b, lang: str, past: list[Turn], user: list[int], budget: int, start: int):
         """(prompt tokens, first history turn kept) for the newest turns that fit `budget`; (None, None) when
         the new turn alone does not fit. Two renders whatever the history's length."""
-        bos = [b.bos] if b.add_bos else []
-        special = lambda t: b.tokenize(t, True)  # noqa: E731
         turns = [("system", self._system[lang]), *((t.role, t.tokens) for t in past), ("user", user)]
-        tokens, starts = self._template.render(turns, True, special, bos)
+        tokens, starts = self._render(b, turns, True)
         k = window_start(starts[1:], past, len(tokens), budget, start)
         if k is None:
             return None, None
         if k:
-            tokens, _ = self._template.render([turns[0], *turns[1 + k:]], True, special, bos)
+            tokens, _ = self._render(b, [turns[0], *turns[1 + k:]], True)
         return tokens, k

@@ -24,8 +24,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
-from .backend import KVFull
-from .chat import ThinkFilter, Turn, same_text
+from .backend import KVFull, common_prefix
+from .chat import ThinkFilter, Turn, shared_turns
 
 log = logging.getLogger(__name__)
 
@@ -376,31 +376,17 @@ class Scheduler:
     def _choose_slot(self, job: ReplyJob) -> Slot:
         """The free slot whose turns share the longest history with the request (then: the conversation's own
         slot, then an empty one, then the least recently used)."""
-        def shared(slot: Slot) -> int:
-            n = 0
-            for (role, text), turn in zip(job.history, slot.turns):
-                if role != turn.role or not same_text(text, turn.text):
-                    break
-                n += 1
-            return n
         free = [s for s in self.slots if not s.busy]
-        return max(free, key=lambda s: (shared(s), job.conversation is not None and s.conversation == job.conversation,
+        return max(free, key=lambda s: (shared_turns(job.history, s.turns),
+                                        job.conversation is not None and s.conversation == job.conversation,
                                         not s.turns, -s.last_used))
 
     def _start_reply(self, job: ReplyJob) -> None:
         b = self.backend
         slot = self._choose_slot(job)
-        slot.busy, slot.last_used, job.slot = True, time.monotonic(), slot
-        if slot.conversation != job.conversation:
-            slot.conversation = job.conversation
+        slot.busy, slot.last_used, slot.conversation, job.slot = True, time.monotonic(), job.conversation, slot
         prompt, turns, start, job.sampler = job.prepare(b, slot)
-        held = b.held[slot.seq]
-        keep = 0
-        for x, y in zip(held, prompt):
-            if x != y:
-                break
-            keep += 1
-        keep = min(keep, len(prompt) - 1)              # the last prompt token is decoded for its logits
+        keep = min(common_prefix(b.held[slot.seq], prompt), len(prompt) - 1)   # the last one: for its logits
         b.truncate(slot.seq, keep)
         slot.turns, slot.start = turns, start
         job.pending = prompt[keep:]
