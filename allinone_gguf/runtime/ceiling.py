@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import llama_cpp
+import numpy as np
 
 from .backend import Backend
 
@@ -25,7 +26,6 @@ def _greedy(b: Backend, row: int) -> int:
 def teacher_forced_argmax(path: str | Path, text: str, n_threads: int):
     """The most likely next token at every position of `text` (numpy array), from one forward pass with logits
     for every position: compares quantized files with their F16 source (measure/convert_bench.py)."""
-    import numpy as np
     llm = llama_cpp.Llama(str(path), n_ctx=1024, n_threads=n_threads, logits_all=True, verbose=False)
     try:
         tokens = llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)
