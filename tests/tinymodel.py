@@ -282,10 +282,16 @@ def build_checkout(vocab_dir: Path, out: Path, *, flavour: str = "qwen1.5", tied
 
 
 if __name__ == "__main__":
-    args = [a for a in sys.argv[1:] if a != "--real-size"]
-    root = Path(args[0] if args else ".cache")
-    kind = args[1] if len(args) > 1 else "qwen1.5"
-    if "--real-size" in sys.argv:
-        print(build_checkout(fetch_vocab(root / "vocab"), root / REAL_SIZES[kind][0], flavour=kind, real_size=True))
+    import argparse
+    ap = argparse.ArgumentParser(description="Build a tiny random-weight Qwen checkout with the real tokenizer.")
+    ap.add_argument("out", nargs="?", type=Path, default=Path(".cache"), help="folder to write into (default: .cache)")
+    ap.add_argument("flavour", nargs="?", default="qwen1.5", choices=sorted(REAL_SIZES),
+                    help="model family (default: qwen1.5)")
+    ap.add_argument("--real-size", action="store_true",
+                    help="the real model's shapes with zero weights (to measure GGUF file sizes)")
+    a = ap.parse_args()
+    vocab = fetch_vocab(a.out / "vocab")
+    if a.real_size:
+        print(build_checkout(vocab, a.out / REAL_SIZES[a.flavour][0], flavour=a.flavour, real_size=True))
     else:
-        print(build_checkout(fetch_vocab(root / "vocab"), root / f"tiny-{kind}", flavour=kind))
+        print(build_checkout(vocab, a.out / f"tiny-{a.flavour}", flavour=a.flavour))
