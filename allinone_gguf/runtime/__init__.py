@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 
 # public name -> the module that defines it
-_WHERE = {"AllInOne": ".engine", "BRANCHES": ".engine", "ModelLoadError": ".backend", "Sentiment": ".sentiment",
+_WHERE = {"AllInOne": ".engine", "AdapterError": ".adapter", "BRANCHES": ".engine", "ModelLoadError": ".backend", "Sentiment": ".sentiment",
           "Settings": ".config", "Closed": ".scheduler", "ContextOverflow": ".scheduler", "QueueFull": ".scheduler",
           "ReplyStream": ".scheduler"}
 __all__ = sorted(_WHERE)

@@ -111,6 +111,30 @@ class Backend:
         self.chat_template = template.decode("utf-8") if template else None
         self.add_bos = bool(llama_cpp.llama_vocab_get_add_bos(self.vocab))
         self.bos = llama_cpp.llama_vocab_bos(self.vocab)
+        self.adapter = None            # a LoRA (load_adapter), applied only to the batches decode() is told to
+        self._adapter_on = False
+
+    def load_adapter(self, path: str | Path) -> None:
+        """Load a GGUF LoRA for this model; `decode(..., adapter=True)` applies it to one batch at a time."""
+        adapter = llama_cpp.llama_adapter_lora_init(self.model, str(path).encode("utf-8"))
+        if not adapter:
+            raise ModelLoadError(f"{path}: llama.cpp could not load this LoRA for {self.path.name} "
+                                 "(another architecture or shape?)")
+        self.adapter = adapter     # freed with the model
+
+    def _use_adapter(self, on: bool) -> None:
+        if on == self._adapter_on:
+            return
+        if on:
+            if self.adapter is None:
+                raise RuntimeError("no adapter loaded")
+            adapters = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(self.adapter)
+            rc = llama_cpp.llama_set_adapters_lora(self.ctx, adapters, 1, (ctypes.c_float * 1)(1.0))
+        else:
+            rc = llama_cpp.llama_set_adapters_lora(self.ctx, None, 0, None)
+        if rc != 0:
+            raise RuntimeError(f"llama.cpp could not {'apply' if on else 'remove'} the LoRA adapter (rc {rc})")
+        self._adapter_on = on
 
     # -- text <-> tokens ----------------------------------------------------------------------------------------
     def tokenize(self, text: str, special: bool = False) -> list[int]:
@@ -138,12 +162,13 @@ class Backend:
         return bool(llama_cpp.llama_vocab_is_eog(self.vocab, token) or llama_cpp.llama_vocab_is_control(self.vocab, token))
 
     # -- KV cache -----------------------------------------------------------------------------------------------
-    def prefill(self, seq: int, tokens: list[int], reuse: int | None = None) -> np.ndarray:
+    def prefill(self, seq: int, tokens: list[int], reuse: int | None = None, adapter: bool = False) -> np.ndarray:
         """Make sequence `seq` hold exactly `tokens`; return the logits row after the last one (a view, n_vocab).
 
         Only the tokens after the longest prefix already held (at most `reuse` tokens) are decoded; the rest of
         the sequence is dropped. A fixed `reuse` makes the decoded batch, and so the float rounding of the
         result, the same on every call: llama.cpp's batched and single-token kernels round differently.
+        `adapter`: decode with the loaded LoRA applied.
         """
         if not tokens:
             raise ValueError("prefill needs at least one token")
@@ -151,13 +176,14 @@ class Backend:
         keep = min(keep, len(tokens) - 1, len(tokens) if reuse is None else reuse)   # last token: its logits
         self.truncate(seq, keep)
         for start in range(keep, len(tokens), self.n_batch):
-            self.decode([(seq, tokens[start:start + self.n_batch], start + self.n_batch >= len(tokens))])
+            self.decode([(seq, tokens[start:start + self.n_batch], start + self.n_batch >= len(tokens))], adapter)
         return self.last_logits()
 
-    def decode(self, parts: list[tuple[int, list[int], bool]]) -> list[int | None]:
+    def decode(self, parts: list[tuple[int, list[int], bool]], adapter: bool = False) -> list[int | None]:
         """One llama_decode for several sequences at once (continuous batching): each part (seq, tokens, want)
         appends `tokens` to sequence `seq` after what it holds. Returns, per part, the batch index of its last
         token when `want` (read it with `logits_row` or a Sampler until the next decode), else None.
+        `adapter`: the loaded LoRA is applied to this batch only (the KV cells it writes carry its effect).
 
         On failure nothing of this batch stays in the cache and RuntimeError says why.
         """
@@ -174,6 +200,7 @@ class Backend:
                 i += 1
             out.append(i - 1 if want else None)
         b.n_tokens = i
+        self._use_adapter(adapter)
         rc = llama_cpp.llama_decode(self.ctx, b)
         if rc != 0:
             for seq, _, _ in parts:

@@ -50,6 +50,9 @@ class Settings:
         "help": "sentiment prompt variant from allinone_gguf.prompts.SENTIMENT_PROMPTS"})
     sentiment_tokens: int = field(default=256, metadata={
         "help": "longest text the sentiment role reads, in tokens; longer texts keep their head and tail"})
+    sentiment_adapter: str = field(default="auto", metadata={
+        "help": "sentiment LoRA: auto (<model>.sentiment-lora.gguf beside the model, when there), off, or a path; "
+                "applied to the sentiment role only"})
     sentiment_bias: float = field(default=0.0, metadata={
         "help": "added to log P(positive) - log P(negative) before choosing; > 0 leans positive"})
     parallel: int = field(default=PARALLEL, metadata={

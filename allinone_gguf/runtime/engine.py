@@ -19,6 +19,7 @@ import logging
 from pathlib import Path
 from typing import Sequence
 
+from .adapter import AdapterError, AdapterInfo, check_base, file_sha256, find_adapter, frame_digest
 from .backend import Backend
 from .chat import ChatTemplate, Turn, shared_turns, window_start
 from .config import Settings
@@ -70,6 +71,9 @@ class AllInOne:
     def _load(self):
         """The backend with both roles' fixed prompts prepared; runs on the worker thread."""
         s = self.settings
+        adapter = find_adapter(self.model_path, s.sentiment_adapter)
+        if adapter is not None:
+            check_base(adapter, self.model_path, file_sha256(self.model_path))
         b = self.backend_class(self.model_path, n_ctx=s.n_ctx, n_threads=s.n_threads,
                                n_seq=1 + BRANCHES + s.parallel)
         try:
@@ -78,9 +82,19 @@ class AllInOne:
             self._elision = tok(ELISION)
             self._readers = {lang: LabelReader(b.grammar_first_tokens(SENTIMENT_GRAMMAR[lang]), b.piece, lang)
                              for lang in LABEL_SETS}
-            self._frames = {lang: sentiment_frame(s.sentiment_prompt, lang, tok,
+            # The adapter's label language is read in the frame it was trained in; the other in the settings'.
+            self._frames = {lang: sentiment_frame(adapter.prompt if adapter and adapter.labels == lang
+                                                  else s.sentiment_prompt, lang, tok,
                                                   lambda turns, generation: self._render(b, turns, generation)[0])
                             for lang in LABEL_SETS}
+            self._adapter: AdapterInfo | None = adapter
+            if adapter is not None:
+                if adapter.labels not in LABEL_SETS or frame_digest(
+                        *self._frames[adapter.labels], self._readers[adapter.labels].ids) != adapter.frame_sha256:
+                    raise AdapterError(f"sentiment adapter {adapter.path.name} was trained on another prompt frame "
+                                       f"than this version's {adapter.prompt!r} ({adapter.labels}) frame; tune it "
+                                       "again or pass --sentiment-adapter off")
+                b.load_adapter(adapter.path)
             self._system = {lang: tok(CHAT_SYSTEM[lang]) for lang in LABEL_SETS}
             longest_after = max(len(z) for _, z in self._frames.values())
             if s.sentiment_tokens + longest_after > b.n_batch - s.parallel:
@@ -94,12 +108,15 @@ class AllInOne:
                                  f"sentiment role's {reserve}; raise n_ctx or lower sentiment_tokens")
             # Warm the fixed prefixes, so the first calls are as fast as the rest: the sentiment frame, and the
             # chat's system prompt in the first slot (a new conversation shares it).
-            b.prefill(SEQ_SENTIMENT, self._frames[s.labels][0])
+            b.prefill(SEQ_SENTIMENT, self._frames[s.labels][0], adapter=self._uses_adapter(s.labels))
             b.prefill(1 + BRANCHES, self._render(b, [("system", self._system[s.labels])], False)[0])
         except BaseException:
             b.close()
             raise
         return b
+
+    def _uses_adapter(self, lang: str) -> bool:
+        return self._adapter is not None and self._adapter.labels == lang
 
     # -- public API ---------------------------------------------------------------------------------------------
     def label_set(self, labels: str | None = None) -> tuple[str, str]:
@@ -124,11 +141,13 @@ class AllInOne:
         before, after = self._frames[lang]
         reader, s = self._readers[lang], self.settings
         room = s.sentiment_tokens + len(after)
+        adapter = self._uses_adapter(lang)
+        scale, source = (1.0 / self._adapter.temperature, "adapter") if adapter else (1.0, "grammar")
 
         def plan(b):
             groups: list[list[tuple[int, list[int]]]] = []
             for i, t in enumerate(texts):
-                body = head_tail(b.tokenize(t), s.sentiment_tokens, self._elision) + after
+                body = self._body(b, t, lang)
                 if not groups or len(groups[-1]) == BRANCHES or sum(len(x) for _, x in groups[-1]) + len(body) > room:
                     groups.append([])
                 groups[-1].append((i, body))
@@ -139,14 +158,39 @@ class AllInOne:
             # did not (another language was used last): the same batches give the same floats.
             if b.held[SEQ_SENTIMENT][:len(before)] != before:
                 b.forget(SEQ_SENTIMENT)
-                b.prefill(SEQ_SENTIMENT, before)
+                b.prefill(SEQ_SENTIMENT, before, adapter=adapter)
             b.truncate(SEQ_SENTIMENT, len(before))
             return len(before)
 
         def read(b, row: int) -> Sentiment:
-            return sentiment_from_margin(reader.margin(b.logits_row(row)) + s.sentiment_bias, LABEL_SETS[lang])
+            margin = reader.margin(b.logits_row(row)) * scale + s.sentiment_bias
+            return sentiment_from_margin(margin, LABEL_SETS[lang], source)
 
-        return self._worker.submit(ClassifyJob(plan, prefix, read, len(texts))).wait()
+        return self._worker.submit(ClassifyJob(plan, prefix, read, len(texts), adapter)).wait()
+
+    @property
+    def sentiment_adapter(self) -> AdapterInfo | None:
+        """The sentiment LoRA in use (file, label language, temperature, its metadata), or None."""
+        return self._worker.call(lambda b: self._adapter)
+
+    def sentiment_inputs(self, texts: Sequence[str], labels: str | None = None
+                         ) -> tuple[list[list[int]], tuple[list[int], list[int]], str]:
+        """What the sentiment role decodes for each text (the whole frame: prompt, text cut to sentiment_tokens,
+        the turn's close), the token ids it reads each label's probability from, and the frame's digest: the
+        exact inputs a sentiment adapter is trained on (allinone_gguf/tune)."""
+        texts = [check_text(t) for t in texts]
+        lang = language_of(labels, self.settings.labels)
+
+        def build(b):
+            before = self._frames[lang][0]
+            return ([before + self._body(b, t, lang) for t in texts], self._readers[lang].ids,
+                    frame_digest(*self._frames[lang], self._readers[lang].ids))
+        return self._worker.call(build)
+
+    def _body(self, b, text: str, lang: str) -> list[int]:
+        """A text's tokens after the sentiment frame's fixed prefix: the text (head and tail when too long), then
+        the frame's close."""
+        return head_tail(b.tokenize(text), self.settings.sentiment_tokens, self._elision) + self._frames[lang][1]
 
     def stream_reply(self, text: str, history: Sequence[dict] | None = None, sentiment: Sentiment | None = None,
                      temperature: float | None = None, max_tokens: int | None = None, seed: int | None = None, *,

@@ -87,12 +87,14 @@ class CallJob(Job):
 
 class ClassifyJob(CallJob):
     """Texts to classify, decoded a group per step; `plan(backend)` returns the groups, each a list of
-    (index, tokens after the shared prefix); `finish(index, logits row)` is called per text."""
+    (index, tokens after the shared prefix); `read(backend, logits row)` is called per text. With `adapter`
+    the groups never share a batch with replies: the LoRA must touch the sentiment sequences only."""
 
     def __init__(self, plan: Callable[[Any], list[list[tuple[int, list[int]]]]], prefix: Callable[[Any], int],
-                 read: Callable[[Any], Any], n: int):
+                 read: Callable[[Any], Any], n: int, adapter: bool = False):
         super().__init__(plan)
         self.prefix, self.read = prefix, read
+        self.adapter = adapter      # decode the groups with the sentiment LoRA, in batches of their own
         self.groups: deque | None = None
         self.results: list[Any] = [None] * n
 
@@ -456,8 +458,21 @@ class Scheduler:
             room -= len(chunk)
         if not parts:
             return
+        if group_job is not None and group_job.adapter:
+            # The LoRA is applied per batch: the texts get one of their own, the replies another without it.
+            texts = [i for i, (kind, _) in enumerate(owners) if kind == "text"]
+            rest = [i for i in range(len(parts)) if i not in texts]
+            self._decode([parts[i] for i in texts], [owners[i] for i in texts], group_job, group, True)
+            if rest:
+                self._decode([parts[i] for i in rest], [owners[i] for i in rest], None, None, False)
+        else:
+            self._decode(parts, owners, group_job, group, False)
+
+    def _decode(self, parts: list, owners: list, group_job: ClassifyJob | None, group, adapter: bool) -> None:
+        """Decode one batch and hand each row to its owner (a reply's sampler, a text's reader)."""
+        b = self.backend
         try:
-            rows = b.decode(parts)
+            rows = b.decode(parts, adapter)
         except KVFull:
             if group_job is not None:
                 group_job.groups.appendleft(group)     # tried again at the next step

@@ -21,13 +21,16 @@ from .prompts import LABEL_SETS, SENTIMENT_GRAMMAR, SENTIMENT_PROMPTS
 @dataclass(frozen=True)
 class Sentiment:
     """The sentiment role's answer. `probs` holds both labels (positive first) and sums to 1; `margin` is
-    log P(positive) - log P(negative) under the grammar, after `sentiment_bias`."""
+    log P(positive) - log P(negative) under the grammar (divided by the adapter's temperature), after
+    `sentiment_bias`. `source` says which path produced it: "grammar" (the model's own weights and prompt) or
+    "adapter" (the sentiment LoRA, adapter.py); the label is grammar-forced either way."""
 
     label: str
     confidence: float
     probs: dict[str, float]
     labels: tuple[str, str]
     margin: float = 0.0
+    source: str = "grammar"
 
     @property
     def is_negative(self) -> bool:
@@ -38,11 +41,11 @@ class Sentiment:
         return self.label == self.labels[0]
 
 
-def sentiment_from_margin(margin: float, labels: tuple[str, str]) -> Sentiment:
+def sentiment_from_margin(margin: float, labels: tuple[str, str], source: str = "grammar") -> Sentiment:
     p_pos = 1.0 / (1.0 + math.exp(-max(-60.0, min(60.0, margin))))
     label = labels[0] if margin > 0 else labels[1]
     probs = {labels[0]: p_pos, labels[1]: 1.0 - p_pos}
-    return Sentiment(label=label, confidence=probs[label], probs=probs, labels=labels, margin=margin)
+    return Sentiment(label=label, confidence=probs[label], probs=probs, labels=labels, margin=margin, source=source)
 
 
 def head_tail(tokens: Sequence[int], budget: int, marker: Sequence[int] = ()) -> list[int]:
