@@ -19,6 +19,13 @@ model_file = $(MODELS)/$(NAME)/$(NAME)-$(1).gguf
 RUN_MODEL ?= $(call model_file,$(word 3,$(APP_DEFAULTS)))
 # Optional environment with torch + transformers, used only by the reference-converter test.
 REF_VENV ?= .venv-ref
+# Optional environment with torch + peft for `make tune` (the sentiment LoRA); the product never imports torch.
+TUNE_VENV ?= .venv-tune
+# make tune: the training files (never the full public corpora) and the dev files it reports on (Chinese ones:
+# the adapter answers 正面/负面). TUNE_ARGS passes more flags (python -m allinone_gguf tune --help).
+TUNE_DATA ?= $(wildcard ../shared/data/sentiment/train/*.train2000.csv)
+TUNE_DEV  ?= $(filter-out %sst2_glue_dev.dev200.csv,$(wildcard ../shared/data/sentiment/*.dev200.csv))
+TUNE_ARGS ?=
 LLAMA_CPP_VERSION := 0.3.36
 # llama-cpp-python builds llama.cpp from source for this CPU (-march=native). On x86-64 we leave out ggml's
 # AMX kernels: on the Xeon VMs we develop on they crash with a segfault at the first quantized matmul, and
@@ -44,7 +51,7 @@ SYSTEM_PACKAGES := chromium fonts-noto-cjk
 PROXY_TOOL ?= ../shared/tools/proxy-model.sh
 PYTEST_ARGS ?=
 
-.PHONY: help setup models run test system-packages bench bench-baseline bench-ray clean reference-env ray-env
+.PHONY: help setup models run test system-packages bench bench-baseline bench-ray bench-adapter clean reference-env ray-env tune tune-env
 
 help:
 	@echo "make setup                 virtual env in $(VENV) with the pinned dependencies (builds llama-cpp-python, ~6 min the first time)"
@@ -53,6 +60,9 @@ help:
 	@echo "make test                  the whole test suite, after installing what it needs (system packages when root, $(REF_VENV), the stand-in model)"
 	@echo "make bench [MODEL=...]     speed, memory and accuracy of the Q4_K_M and Q8_0 files (or MODEL=\"a.gguf b.gguf\"), then serving figures (1-8 concurrent streams vs bare llama_decode) of the first -> bench/results/"
 	@echo "make bench-baseline        the same plus the seeds' transformers FP32 approach on BASELINE=$(BASELINE) (needs make reference-env)"
+	@echo "make tune                  fine-tune the sentiment LoRA for MODEL (default: the Q4_K_M) on DATA (default: the train/ files)"
+	@echo "make bench-adapter         the sentiment adapter vs the grammar path on the dev files (accuracy, ECE, flips, latency, RSS)"
+	@echo "make tune-env              optional: $(TUNE_VENV) with torch + peft for make tune (built on first use)"
 	@echo "make reference-env         optional: $(REF_VENV) with torch + transformers for the reference-converter test"
 	@echo "make ray-env               optional: Ray (the ray extra) in $(VENV), for classify --engine ray and tests/test_ray.py"
 	@echo "make bench-ray [MODEL=x]   texts/s of classify, local vs Ray (1 actor x 2 threads, 2 x 1) on 2,000 texts"
@@ -77,7 +87,7 @@ run: setup
 	@test -f $(RUN_MODEL) || $(MAKE) models
 	$(PYTHON) app.py --model $(RUN_MODEL) --models-dir $(MODELS) --host $(HOST) --port $(PORT)
 
-test: setup reference-env ray-env system-packages
+test: setup reference-env tune-env ray-env system-packages
 	@set -e; \
 	if [ -z "$$ALLINONE_PROXY_MODEL" ] && [ -f $(PROXY_TOOL) ]; then \
 	  echo "== the real 0.5B stand-in for the slow tests ($(PROXY_TOOL))"; \
@@ -131,6 +141,24 @@ $(REF_VENV)/.installed: tests/reference-requirements.txt
 	$(REF_VENV)/bin/pip install -q --upgrade pip
 	$(REF_VENV)/bin/pip install -q -r tests/reference-requirements.txt
 	touch $@
+
+TUNE_MODEL = $(if $(filter command line environment,$(origin MODEL)),$(MODEL),$(RUN_MODEL))
+tune-env: $(TUNE_VENV)/.installed
+
+$(TUNE_VENV)/.installed: allinone_gguf/tune/requirements.txt
+	$(PY) -m venv $(TUNE_VENV)
+	$(TUNE_VENV)/bin/pip install -q --upgrade pip
+	$(TUNE_VENV)/bin/pip install -q -r allinone_gguf/tune/requirements.txt
+	touch $@
+
+# MODEL and DATA as given on the command line, else the app's model and the train/ files.
+tune: setup tune-env
+	@test -f "$(TUNE_MODEL)" || $(MAKE) models
+	$(PYTHON) -m allinone_gguf tune "$(TUNE_MODEL)" --data $(or $(DATA),$(TUNE_DATA)) --dev $(TUNE_DEV) $(TUNE_ARGS)
+
+# The adapter beside MODEL (default: the app's model) against the grammar path, on the Chinese dev files.
+bench-adapter: setup
+	$(PYTHON) -m allinone_gguf.measure.bench_adapter "$(TUNE_MODEL)" --data $(or $(DATA),$(TUNE_DEV))
 
 clean:
 	rm -rf $(MODELS) .cache build *.egg-info

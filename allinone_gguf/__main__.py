@@ -1,8 +1,9 @@
-"""`python -m allinone_gguf classify|chat|bench`: the command line of the runtime.
+"""`python -m allinone_gguf classify|chat|bench|tune`: the command line of the runtime.
 
     python -m allinone_gguf classify reviews.csv -o scored.csv --gold label
     python -m allinone_gguf chat
     python -m allinone_gguf bench --model models/Qwen1.5-0.5B-Chat/Qwen1.5-0.5B-Chat-Q4_K_M.gguf
+    python -m allinone_gguf tune MODEL.gguf --data ../shared/data/sentiment/train/*.csv   # sentiment LoRA
 
 `python -m allinone_gguf COMMAND --help` explains each command's options.
 """
@@ -11,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .faces import cli
+from .faces import cli, tune_cli
 from .measure import bench
 
 
@@ -24,6 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli.add_classify_parser(sub)
     cli.add_chat_parser(sub)
     bench.add_bench_parser(sub)
+    tune_cli.add_tune_parser(sub)
     return parser
 
 

@@ -1,0 +1,26 @@
+"""The tune command's knobs, written once (standard library only, so `tune --help` loads nothing heavy)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class TuneSettings:
+    """Every knob of `tune`, with its default written once (the CLI's flags come from these fields)."""
+
+    texts: int = field(default=1200, metadata={"help": "training texts taken from each --data file"})
+    held: int = field(default=40, metadata={
+        "help": "texts held back from each --data file: they choose the checkpoint and fit the temperature"})
+    inject: float = field(default=0.25, metadata={
+        "help": "share of training texts that also get a copy with an injected instruction (true label kept)"})
+    epochs: float = field(default=1.0, metadata={"help": "passes over the training texts"})
+    rank: int = field(default=16, metadata={"help": "LoRA rank"})
+    alpha: float = field(default=32.0, metadata={"help": "LoRA alpha (scale = alpha / rank)"})
+    targets: str = field(default="q_proj,k_proj,v_proj,o_proj", metadata={
+        "help": "modules the LoRA adapts, comma-separated (q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj)"})
+    lr: float = field(default=2e-4, metadata={"help": "peak learning rate (AdamW, warm-up then linear decay)"})
+    batch: int = field(default=8, metadata={"help": "texts per training step"})
+    seed: int = field(default=0, metadata={"help": "seed of the sampling, the injections and the training"})
+    prompt: str = field(default="guide", metadata={
+        "help": "sentiment prompt variant the adapter is trained in (and the runtime then uses with it)"})
+    labels: str = field(default="zh", metadata={"help": "label language the adapter answers in"})

@@ -1,0 +1,204 @@
+"""`python -m allinone_gguf tune MODEL.gguf --data CSV...`: fine-tune, convert and check a sentiment LoRA.
+
+Steps (this process never imports torch):
+1. the training texts (data.py) are put in the runtime's own sentiment frame by `AllInOne.sentiment_inputs`
+   and written as token ids (inputs.jsonl), so training sees exactly what classify decodes;
+2. train_lora.py trains a PEFT LoRA on the Hugging Face checkout the GGUF came from, in .venv-tune (torch);
+3. our torch-free converter (convert/lora_to_gguf.py) writes <model>.sentiment-lora.gguf;
+4. the runtime, with the adapter, reads the held-back texts: the confidence's temperature is fitted on them;
+5. the dev files are classified with and without the adapter; everything lands in <model>.sentiment-lora.json.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from ..runtime.adapter import adapter_files, file_sha256, write_metadata
+from ..runtime.prompts import LABEL_SETS, SENTIMENT_PROMPTS
+from .config import TuneSettings
+from .data import build_examples, read_labelled
+
+ROOT = Path(__file__).resolve().parents[2]
+TRAINER = Path(__file__).with_name("train_lora.py")
+
+
+class TuneError(RuntimeError):
+    """A clear, one-line reason the tune command cannot go on."""
+
+
+def tune_python() -> Path:
+    """The Python of the tuning environment (`make tune-env`), or ALLINONE_TUNE_PYTHON."""
+    path = Path(os.environ.get("ALLINONE_TUNE_PYTHON") or ROOT / ".venv-tune" / "bin" / "python")
+    if not path.exists():
+        raise TuneError(f"{path}: no tuning environment; `make tune-env` builds it (torch + peft, ~1 GB), or set "
+                        "ALLINONE_TUNE_PYTHON")
+    return path
+
+
+def find_checkout(model: Path, hf: str | None) -> Path:
+    """The Hugging Face checkout `model` was converted from: --hf, else the manifest beside the model."""
+    from convert.download import DownloadError, resolve
+    if hf is None:
+        manifest = model.parent / "manifest.json"
+        if not manifest.is_file():
+            raise TuneError(f"{model.name} has no manifest.json beside it (not made by `make models`); pass --hf DIR, "
+                            "the Hugging Face checkout it was converted from")
+        hf = json.loads(manifest.read_text(encoding="utf-8"))["source"]
+    try:
+        return resolve(hf, progress=True).checkout
+    except DownloadError as e:
+        raise TuneError(str(e)) from None
+
+
+def fit_temperature(margins: list[float], labels: list[int]) -> float:
+    """The T > 0 minimising the log loss of sigmoid(margin / T) on (margin, label) pairs (golden-section search
+    over log T)."""
+    def nll(log_t: float) -> float:
+        t = math.exp(log_t)
+        total = 0.0
+        for m, y in zip(margins, labels):
+            z = (m if y == 1 else -m) / t
+            total += math.log1p(math.exp(-z)) if z > -30 else -z
+        return total
+
+    lo, hi = math.log(0.05), math.log(20.0)
+    g = (math.sqrt(5) - 1) / 2
+    a, b = hi - g * (hi - lo), lo + g * (hi - lo)
+    fa, fb = nll(a), nll(b)
+    for _ in range(60):
+        if fa < fb:
+            hi, b, fb = b, a, fa
+            a = hi - g * (hi - lo)
+            fa = nll(a)
+        else:
+            lo, a, fa = a, b, fb
+            b = lo + g * (hi - lo)
+            fb = nll(b)
+    return round(math.exp((lo + hi) / 2), 4)
+
+
+def score(bot, rows: list[tuple[int, str]], labels: str) -> dict:
+    """Accuracy and per-class recall of `bot` on (label, text) rows, and the margins."""
+    found = bot.classify_many([t for _, t in rows], labels)
+    hits = [int(s.is_positive) == y for s, (y, _) in zip(found, rows)]
+    recall = {}
+    for y, name in ((1, LABEL_SETS[labels][0]), (0, LABEL_SETS[labels][1])):
+        mine = [h for h, (g, _) in zip(hits, rows) if g == y]
+        recall[name] = round(sum(mine) / len(mine), 4) if mine else None
+    return {"n": len(rows), "accuracy": round(sum(hits) / len(rows), 4), "recall": recall,
+            "margins": [s.margin for s in found], "source": found[0].source if found else None}
+
+
+def run_trainer(cmd: list[str]) -> int:
+    """Run the trainer in the foreground; a Ctrl-C reaches it too (same process group) and it saves the best
+    checkpoint so far, which this process then waits for instead of dying."""
+    proc = subprocess.Popen(cmd)
+    while True:
+        try:
+            return proc.wait()
+        except KeyboardInterrupt:
+            print("waiting for the trainer to save the best checkpoint…", file=sys.stderr, flush=True)
+
+
+def tune(model: str | Path, data: list[str], *, hf: str | None = None, dev: list[str] = (),
+         settings: TuneSettings = TuneSettings(), threads: int | None = None, work: str | Path | None = None,
+         log=print) -> dict:
+    """Train, convert and check a sentiment adapter for `model`; returns the metadata written beside it."""
+    from convert.lora_to_gguf import convert_lora_to_gguf
+    from ..runtime import AllInOne
+
+    s = settings
+    model = Path(model)
+    if not model.is_file():
+        raise TuneError(f"{model}: no such model file")
+    if s.prompt not in SENTIMENT_PROMPTS or s.labels not in LABEL_SETS:
+        raise TuneError(f"prompt must be one of {sorted(SENTIMENT_PROMPTS)} and labels one of {sorted(LABEL_SETS)}")
+    files = [Path(d) for d in data]
+    for f in files + [Path(d) for d in dev]:
+        if not f.is_file():
+            raise TuneError(f"{f}: no such file")
+    python = tune_python()
+    checkout = find_checkout(model, hf)
+    out_gguf, out_meta = adapter_files(model)
+    work = Path(work) if work else model.with_name(out_gguf.name[:-5] + "-work")
+    work.mkdir(parents=True, exist_ok=True)
+    threads = threads or max(1, min(4, os.cpu_count() or 1))
+    started = time.perf_counter()
+
+    try:
+        examples, record = build_examples(files, texts=s.texts, held=s.held, inject_share=s.inject, lang=s.labels,
+                                          seed=s.seed)
+    except ValueError as e:
+        raise TuneError(str(e)) from None
+    if not any(e.split == "train" for e in examples):
+        raise TuneError("no training texts: give --data files with label,text rows and --texts > 0")
+    log(f"{sum(e.split == 'train' for e in examples)} training examples "
+        f"({sum(e.injected for e in examples)} with injected instructions), "
+        f"{sum(e.split == 'held' for e in examples)} held back, from {len(files)} file(s)")
+
+    # 1. token ids in the runtime's frame (the model file's tokenizer: the same ids classify decodes)
+    with AllInOne(model, sentiment_adapter="off", sentiment_prompt=s.prompt, labels=s.labels,
+                  n_threads=threads, parallel=1) as bot:
+        ids, label_ids, digest = bot.sentiment_inputs([e.text for e in examples], s.labels)
+        n_prefix = len(os.path.commonprefix(ids))
+        prefix = ids[0][:n_prefix]
+    inputs = work / "inputs.jsonl"
+    with inputs.open("w", encoding="utf-8") as f:
+        f.write(json.dumps({"prefix": prefix, "label_ids": [list(label_ids[0]), list(label_ids[1])]}) + "\n")
+        for e, t in zip(examples, ids):
+            f.write(json.dumps({"rest": t[n_prefix:], "label": e.label, "split": e.split}) + "\n")
+
+    # 2. training, in the tuning environment
+    peft_dir = work / "peft"
+    cmd = [str(python), str(TRAINER), "--checkout", str(checkout), "--inputs", str(inputs), "--out", str(peft_dir),
+           "--rank", str(s.rank), "--alpha", str(s.alpha), "--targets", s.targets, "--epochs", str(s.epochs),
+           "--lr", str(s.lr), "--batch", str(s.batch), "--seed", str(s.seed), "--threads", str(threads)]
+    log(f"training on {checkout} ({python})")
+    rc = run_trainer(cmd)
+    if rc not in (0, 130) or not (peft_dir / "adapter_model.safetensors").is_file():
+        raise TuneError(f"training failed (exit status {rc}); its messages are above")
+    train_log = json.loads((peft_dir / "train_log.json").read_text(encoding="utf-8"))
+
+    # 3. conversion (torch-free, byte-identical to llama.cpp's converter)
+    convert_lora_to_gguf(peft_dir, checkout, out_gguf, "F16")
+    meta = {
+        "base_file": model.name, "base_sha256": file_sha256(model), "checkout": str(checkout),
+        "labels": s.labels, "label_set": list(LABEL_SETS[s.labels]), "prompt": s.prompt, "frame_sha256": digest,
+        "temperature": 1.0, "adapter_bytes": out_gguf.stat().st_size, "adapter_sha256": file_sha256(out_gguf),
+        "training": {"settings": dataclasses.asdict(s), "files": record, "seconds": train_log["seconds"],
+                     "steps": train_log["steps"], "interrupted": train_log["interrupted"],
+                     "held_back": train_log.get("best")},
+    }
+    write_metadata(out_meta, meta)
+
+    # 4. temperature, fitted on the held-back texts read by the runtime with the adapter
+    held = [(e.label, e.text) for e in examples if e.split == "held"]
+    dev_results = {}
+    with AllInOne(model, sentiment_adapter=str(out_gguf), labels=s.labels, n_threads=threads, parallel=1) as bot:
+        if held:
+            found = score(bot, held, s.labels)
+            meta["temperature"] = fit_temperature(found["margins"], [y for y, _ in held])
+            log(f"held-back texts with the adapter: accuracy {found['accuracy']:.3f}; temperature "
+                f"{meta['temperature']}")
+        for d in dev:
+            rows = read_labelled(Path(d))
+            dev_results[Path(d).name] = {k: v for k, v in score(bot, rows, s.labels).items() if k != "margins"}
+    if dev:
+        with AllInOne(model, sentiment_adapter="off", labels=s.labels, n_threads=threads, parallel=1) as bot:
+            for d in dev:
+                plain = score(bot, read_labelled(Path(d)), s.labels)
+                dev_results[Path(d).name]["without_adapter"] = {"accuracy": plain["accuracy"],
+                                                                "recall": plain["recall"]}
+        for name, r in dev_results.items():
+            log(f"dev {name}: {r['accuracy']:.3f} with the adapter, {r['without_adapter']['accuracy']:.3f} without")
+    meta["dev"] = dev_results
+    meta["minutes"] = round((time.perf_counter() - started) / 60, 1)
+    write_metadata(out_meta, meta)
+    log(f"wrote {out_gguf} ({out_gguf.stat().st_size / 1e6:.1f} MB) and {out_meta.name} in {meta['minutes']} min")
+    return meta
