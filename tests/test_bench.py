@@ -132,7 +132,9 @@ class FakeBot:
     def classify(self, text):
         self.classified.append(text)
         self.counters["prompt_tokens"] += 100      # a classification's decode, outside the timed reply
-        return type("S", (), {"label": "正面" if "好" in text else "负面"})()
+        return type("S", (), {"label": "正面" if "好" in text else "负面", "source": "grammar"})()
+
+    sentiment_adapter = None
 
     def stream_reply(self, text, history=None, sentiment=None, max_tokens=None, seed=None):
         self.counters["prompt_tokens"] += self.PROMPT_TOKENS

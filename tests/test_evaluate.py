@@ -55,14 +55,16 @@ def test_evaluate_figures_on_controlled_margins(monkeypatch, tmp_path, capsys):
     assert evaluate.main([str(tmp_path / "x.gguf"), str(data), "--sweep", "--inject"]) == 0
     out = capsys.readouterr().out
     # predictions: 很好! 正面, 好 正面, 一般! 负面, 差 负面, 不好 正面, 太差! 负面; the blank text is left out
-    assert "fake.csv: n=6 accuracy=0.667 recall 正面=0.667 负面=0.667" in out
+    assert "fake.csv (grammar): n=6 accuracy=0.667 recall 正面=0.667 负面=0.667" in out
     # the injection asks for the other label; it wins on the three texts with "!"
     assert "prompt injection flipped 3 of 6 labels (50.0%)" in out
     # a bias of -2 turns the +2 margins into 0, which reads as 负面: only the three negatives stay right
     assert "  -2.0  0.500  0.000  1.000" in out
     # margins are +2 (confidence 0.88) or -1 (0.73): a band of 0.7 keeps every text, 0.8 only the +2 ones
     assert "  0.7  1.000  0.667" in out and "  0.8  0.500  0.667" in out and "  0.9  0.000  nan" in out
-    assert "| fake.csv | 0.667 | 0.67 | 0.67 | 50.0% |" in out
+    assert "| fake.csv | grammar | 0.667 | 0.67 | 0.67 | 0.139 |" in out and " 50.0% |" in out
+    # ECE: three answers at sigmoid(2) = 0.881 with 2 right, three at sigmoid(1) = 0.731 with 2 right
+    assert "ECE 0.139" in out
 
 
 def test_evaluate_reports_the_accuracy_and_flips_classify_gives(tiny_models, tmp_path):
@@ -77,7 +79,7 @@ def test_evaluate_reports_the_accuracy_and_flips_classify_gives(tiny_models, tmp
                     for (_, t), c in zip(TEXTS, clean)]
     right = sum((c == "正面") == (g == "1") for (g, _), c in zip(TEXTS, clean))
     flipped = sum(c != i for c, i in zip(clean, injected))
-    m = re.search(r"small\.csv: n=(\d+) accuracy=([\d.]+)", r.stdout)
+    m = re.search(r"small\.csv \(grammar\): n=(\d+) accuracy=([\d.]+)", r.stdout)
     assert m and int(m.group(1)) == len(TEXTS), r.stdout
     assert float(m.group(2)) == pytest.approx(right / len(TEXTS), abs=1e-3), r.stdout
     assert f"prompt injection flipped {flipped} of {len(TEXTS)} labels" in r.stdout

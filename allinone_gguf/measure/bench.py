@@ -37,7 +37,7 @@ from .bench_worker import MAX_RUNS
 from .metrics import normalise_gold, read_labeled_csv, score
 
 ROOT = Path(__file__).resolve().parents[2]        # the repository (for bench/, ../shared/, .venv-ref/)
-BENCH_SETTINGS = ("n_threads", "n_ctx", "sentiment_prompt")
+BENCH_SETTINGS = ("n_threads", "n_ctx", "sentiment_adapter", "sentiment_prompt")
 BASELINE_MISSING = 3  # exit status of measure/baseline.py when torch or transformers is not installed
 
 
@@ -118,6 +118,7 @@ def _git_commit() -> str | None:
 def conditions(settings) -> dict:
     return {**cpu_info(), "n_threads": settings.n_threads, "n_ctx": settings.n_ctx,
             "labels": settings.labels, "sentiment_prompt": settings.sentiment_prompt,
+            "sentiment_adapter": settings.sentiment_adapter,
             "llama_cpp_python": importlib.metadata.version("llama-cpp-python"),
             "python": platform.python_version(), "os": platform.platform(), "host": socket.gethostname(),
             "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),

@@ -102,7 +102,8 @@ def render_markdown(report: dict) -> str:
              f"- llama-cpp-python {c['llama_cpp_python']}, Python {c['python']}, commit {c.get('git') or '?'}; "
              f"load average {' / '.join(f'{x:.2f}' for x in c['loadavg_start'])} at start, "
              f"{' / '.join(f'{x:.2f}' for x in c.get('loadavg_end', [])) or '?'} at the end",
-             "- models: " + ", ".join(f"`{m['file']}`" for m in entries),
+             "- models: " + ", ".join(f"`{m['file']}`" + (f" (sentiment by `{m['sentiment_adapter']}`)"
+                                                         if m.get("sentiment_adapter") else "") for m in entries),
              f"- warm-up left out; {report['runs']} timed classifications per length, {report['turns']} chat turns "
              f"per length with replies of at most {report['reply_tokens']} tokens; message lengths "
              + ", ".join(f"{k} ≈{v['mean_chars']:.0f} chars" for k, v in report["texts"].items()),

@@ -183,7 +183,9 @@ def run_job(job: dict) -> dict:
     with bot:
         log.info("warm-up")
         for kind in texts:
-            bot.classify(texts[kind][-1])
+            result["sentiment_source"] = bot.classify(texts[kind][-1]).source   # grammar or adapter
+        adapter = bot.sentiment_adapter
+        result["sentiment_adapter"] = adapter.path.name if adapter else None
         bot.reply(texts["short"][0], max_tokens=8, seed=seed)
         alone = {}
         for kind, items in texts.items():

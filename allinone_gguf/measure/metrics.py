@@ -87,3 +87,22 @@ def score(gold: list[str], predicted: list[str], labels: tuple[str, ...] = (POSI
     n = len(gold)
     return Score(n=n, accuracy=correct / n if n else float("nan"), recall=recall,
                  confusion=confusion, invalid=invalid, labels=labels)
+
+
+def expected_calibration_error(gold_positive: list[bool], p_positive: list[float], bins: int = 10) -> float:
+    """ECE: the confidence of each answer (the larger of P(pos), P(neg)) against how often such answers are right,
+    in `bins` equal-width confidence bins, weighted by the bin's share of answers.
+
+        >>> expected_calibration_error([True, False], [0.9, 0.2])
+        0.15
+    """
+    if not gold_positive:
+        return float("nan")
+    buckets: dict[int, list[tuple[float, bool]]] = {}
+    for g, p in zip(gold_positive, p_positive):
+        conf = max(p, 1 - p)
+        right = (p > 0.5) == g
+        buckets.setdefault(min(bins - 1, int((conf - 0.5) * 2 * bins)), []).append((conf, right))
+    total = len(gold_positive)
+    return round(sum(abs(sum(c for c, _ in b) / len(b) - sum(r for _, r in b) / len(b)) * len(b) / total
+                     for b in buckets.values()), 6)
