@@ -169,7 +169,7 @@ def _turn(slot, session, text, history, mood, lang, temperature, max_tokens):
     except (ValueError, TypeError, ModelLoadError, QueueFull) as e:
         session.chat.pop()
         raise gr.Error(str(e)) from e
-    line = badge(sentiment.label, sentiment.confidence, sentiment.is_negative, lang)
+    line = badge(sentiment.label, sentiment.confidence, sentiment.is_negative, lang, sentiment.source)
     mood = mood + [mood_point(len(mood) + 1, sentiment.label, sentiment.probs, bot.label_set(lang)[0])]
     session.chat.append({"role": "assistant", "content": line})
     yield session.shown(), mood, mood_svg(mood), session.status(REPLYING)

@@ -14,6 +14,7 @@ class FakeSentiment:
     confidence: float
     probs: dict
     is_negative: bool
+    source: str = "grammar"
 
 
 @dataclass

@@ -182,6 +182,7 @@ def test_help_loads_neither_llama_cpp_nor_numpy_nor_gradio():
 class FakeSentiment:
     def __init__(self, label):
         self.label, self.confidence, self.is_negative = label, 0.75, label == "负面"
+        self.source = "grammar"
 
 
 class FakeBot:

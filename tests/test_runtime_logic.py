@@ -76,8 +76,8 @@ class FakeBackend:
 
     cells = None              # when set: llama.cpp's "no free KV cells" once the sequences hold more tokens
 
-    def decode(self, parts):
-        assert not self.closed
+    def decode(self, parts, adapter=False):
+        assert not self.closed and not adapter      # no adapter beside a fake model
         assert sum(len(t) for _, t, _ in parts) <= self.n_batch
         if self.cells is not None:
             branches = range(SEQ_SENTIMENT + 1, SEQ_SENTIMENT + 1 + BRANCHES)   # they share the frame's cells
@@ -95,7 +95,7 @@ class FakeBackend:
             out.append(len(self.rows) - 1 if want else None)
         return out
 
-    def prefill(self, seq, tokens, reuse=None):
+    def prefill(self, seq, tokens, reuse=None, adapter=False):
         keep = 0
         for a, b in zip(self.held[seq], tokens):
             if a != b:

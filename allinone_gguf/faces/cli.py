@@ -28,9 +28,10 @@ from .rowio import RowWriter, count_done, detect_format, open_text, output_heade
 from .ui_helpers import DEFAULT_MODEL, badge
 
 # Settings fields each command exposes as flags (the sentiment role needs no sampling knobs).
-CLASSIFY_SETTINGS = ("n_threads", "n_ctx", "labels", "sentiment_prompt", "sentiment_tokens", "sentiment_bias")
+CLASSIFY_SETTINGS = ("n_threads", "n_ctx", "labels", "sentiment_adapter", "sentiment_prompt", "sentiment_tokens",
+                     "sentiment_bias")
 CHAT_SETTINGS = ("n_threads", "n_ctx", "labels", "temperature", "top_p", "top_k", "repeat_penalty",
-                 "max_tokens", "seed", "sentiment_prompt")
+                 "max_tokens", "seed", "sentiment_adapter", "sentiment_prompt")
 
 
 def _classify_group(bot, recs) -> dict:
@@ -59,6 +60,15 @@ def load_bot(path: Path, overrides: dict):
     start = time.perf_counter()
     bot = AllInOne(path, **overrides)
     return bot, time.perf_counter() - start
+
+
+def adapter_note(bot) -> str:
+    """One line saying which path gives the labels: the sentiment adapter (tune) or the grammar alone."""
+    a = bot.sentiment_adapter
+    if a is None:
+        return "sentiment: the model's own weights, grammar-forced (no sentiment adapter)"
+    return (f"sentiment: adapter {a.path.name} for {a.labels} labels (temperature {a.temperature}); "
+            "--sentiment-adapter off for the model alone")
 
 
 class UserError(Exception):
@@ -235,6 +245,7 @@ def run_classify(args) -> int:
         bot, load_s = load_bot(args.model, overrides(args, CLASSIFY_SETTINGS))
     except (ModelLoadError, ValueError, TypeError) as exc:
         raise UserError(str(exc)) from None
+    say(adapter_note(bot))
 
     from tqdm import tqdm
     kept = [] if out == "-" and args.sort == "priority" else None  # stdout + sort: rows wait in memory
@@ -339,7 +350,7 @@ def chat_turn(bot, text: str, history: list[dict], lang: str, out) -> str:
     with _CtrlC() as ctrl_c:
         try:
             s = bot.classify(text)
-            out.write(badge(s.label, s.confidence, s.is_negative, lang) + "\n")
+            out.write(badge(s.label, s.confidence, s.is_negative, lang, s.source) + "\n")
             out.flush()
             if not ctrl_c.pressed:
                 stream = bot.stream_reply(text, history=history, sentiment=s)
@@ -399,7 +410,7 @@ def run_chat(args) -> int:
         import readline  # noqa: F401  (line editing and history for input(), where available)
     except ImportError:
         pass
-    print(f"{args.model.name} loaded in {load_s:.1f} s. {CHAT_HELP}", file=sys.stderr)
+    print(f"{args.model.name} loaded in {load_s:.1f} s; {adapter_note(bot)}. {CHAT_HELP}", file=sys.stderr)
     with bot:
         chat_loop(bot, given.get("labels", Settings().labels))
     return 0

@@ -95,7 +95,7 @@ def _number(body: dict, name: str, kind: type, low: float | None = None, high: f
 
 def sentiment_json(s) -> dict:
     return {"label": s.label, "confidence": round(float(s.confidence), 6),
-            "probs": {k: round(float(v), 6) for k, v in s.probs.items()}}
+            "probs": {k: round(float(v), 6) for k, v in s.probs.items()}, "source": s.source}
 
 
 def build_router(get_bot: Callable[[], Any], model_name: Callable[[], str], api_key: str | None = None,

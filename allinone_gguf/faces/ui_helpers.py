@@ -59,10 +59,15 @@ LANGUAGE_CHOICES = [("中文", "zh"), ("English", "en")]
 MOOD_COLORS = {True: "#2e9d57", False: "#d64545"}  # keyed by "mood >= 0"
 
 
-def badge(label: str, confidence: float, negative: bool, lang: str = "zh") -> str:
-    """`😄 LLM 情感判断: 正面 (置信度 93%)`; lang "en" gives `... LLM sentiment: Positive (confidence 93%)`."""
+TUNED_WORD = {"zh": "微调", "en": "tuned"}      # the badge's mark for a label from the sentiment adapter
+
+
+def badge(label: str, confidence: float, negative: bool, lang: str = "zh", source: str = "grammar") -> str:
+    """`😄 LLM 情感判断: 正面 (置信度 93%)`; lang "en" gives `... LLM sentiment: Positive (confidence 93%)`.
+    A label from the sentiment adapter (tune) says so: `(置信度 93%, 微调)` / `(confidence 93%, tuned)`."""
     head, conf = BADGE_WORDS.get(lang, BADGE_WORDS["zh"])
-    return f"{BADGE_EMOJI[bool(negative)]} {head}: {label} ({conf} {confidence:.0%})"
+    tuned = f", {TUNED_WORD.get(lang, TUNED_WORD['zh'])}" if source == "adapter" else ""
+    return f"{BADGE_EMOJI[bool(negative)]} {head}: {label} ({conf} {confidence:.0%}{tuned})"
 
 
 def assistant_text(badge_line: str, reply: str) -> str:
