@@ -30,7 +30,8 @@ def add_tune_parser(sub) -> None:
     p.add_argument("model", metavar="MODEL.gguf", help="the model file the adapter is for")
     p.add_argument("--data", nargs="+", required=True, metavar="CSV", help="training files (label,text)")
     p.add_argument("--dev", nargs="*", default=[], metavar="CSV",
-                   help="files to report accuracy on, with and without the adapter (recorded in the metadata)")
+                   help="files to report accuracy on with the adapter (recorded in the metadata; the grammar path "
+                        "beside it: make bench-adapter)")
     p.add_argument("--hf", metavar="DIR", help="the Hugging Face checkout MODEL came from (default: its manifest)")
     p.add_argument("--threads", type=int, help="CPU threads (default: the cores, at most 4)")
     p.add_argument("--work", metavar="DIR", help="folder for the token ids and the PEFT adapter "

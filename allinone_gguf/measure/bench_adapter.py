@@ -87,9 +87,9 @@ def render(report: dict) -> str:
         x, y = g["latency"][kind]["p50_ms"], a["latency"][kind]["p50_ms"]
         lines.append(f"| classify p50, {kind} texts (ms) | {x:.0f} | {y:.0f} | {y / x:.2f} |")
     lines.append(f"| RSS after load (MB) | {g['rss_after_load_mb']:.0f} | {a['rss_after_load_mb']:.0f} | "
-                 f"+{a['rss_after_load_mb'] - g['rss_after_load_mb']:.0f} MB |")
+                 f"{a['rss_after_load_mb'] - g['rss_after_load_mb']:+.0f} MB |")
     lines.append(f"| RSS at the end (MB) | {g['rss_end_mb']:.0f} | {a['rss_end_mb']:.0f} | "
-                 f"+{a['rss_end_mb'] - g['rss_end_mb']:.0f} MB |")
+                 f"{a['rss_end_mb'] - g['rss_end_mb']:+.0f} MB |")
     lines.append(f"| adapter file (MB) | – | {a['adapter_bytes'] / 1e6:.1f} | |")
     lines.append(f"| prompt frame | {g['prompt']} | {a['prompt']} | |")
     return "\n".join(lines)
@@ -130,8 +130,9 @@ def main(argv: list[str] | None = None) -> int:
     print(md)
     a.out.mkdir(parents=True, exist_ok=True)
     stem = a.out / f"adapter-{report['date']}-{Path(a.model).stem}"
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-    stem.with_suffix(".md").write_text(md + "\n", encoding="utf-8")
+    stem.with_name(stem.name + ".json").write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n",
+                                                   encoding="utf-8")
+    stem.with_name(stem.name + ".md").write_text(md + "\n", encoding="utf-8")
     print(f"wrote {stem}.json and {stem}.md", file=sys.stderr)
     return 0
 

@@ -1,0 +1,295 @@
+"""The sentiment adapter: made by `python -m allinone_gguf tune`, applied by the runtime to the sentiment role only.
+
+Tiny random-weight model with the real Qwen tokenizer (conftest). The training tests need the tuning environment
+(`make tune-env`; `make test` builds it, and then a missing one fails them instead of skipping); the byte-identity
+test also needs the reference environment, as tests/test_lora_convert.py does.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from allinone_gguf.measure.evaluate import INJECTION
+from allinone_gguf.runtime import AdapterError, AllInOne
+from allinone_gguf.runtime.adapter import adapter_files, file_sha256, write_metadata
+from allinone_gguf.tune.data import TRAIN_INJECTIONS, build_examples, inject
+from allinone_gguf.tune.run import fit_temperature
+from conftest import CACHE, REQUIRE_PROXY, ROOT, run_convert
+from convert.compare import differences
+from convert.reference_files import reference_lora_converter
+from test_reference_converter import REFERENCE_PYTHON
+from tinylora import build_adapter
+
+TUNE_PYTHON = Path(os.environ.get("ALLINONE_TUNE_PYTHON", ROOT / ".venv-tune/bin/python"))
+TRAINER = ROOT / "allinone_gguf/tune/train_lora.py"
+# Short texts written for these tests (the sentiment data is never copied into the project).
+TEXTS = [(1, "味道很好，下次还来。"), (0, "送餐太慢了，菜都凉了。"), (1, "服务热情，环境干净。"),
+         (0, "质量很差，用了一天就坏了。"), (1, "物流很快，包装完好，满意。"), (0, "客服态度恶劣，再也不买了。"),
+         (1, "这本书写得真好，推荐。"), (0, "剧情拖沓，看不下去。")]
+
+
+def need_tune_env() -> None:
+    if not TUNE_PYTHON.exists():
+        message = f"no tuning environment at {TUNE_PYTHON}: run `make tune-env`"
+        if REQUIRE_PROXY:     # under `make test`, which builds it: missing is a failure
+            pytest.fail(message)
+        pytest.skip(message)
+
+
+def write_csv(path: Path, rows: list[tuple[int, str]]) -> Path:
+    path.write_text("label,text\n" + "".join(f"{y},{t}\n" for y, t in rows), encoding="utf-8")
+    return path
+
+
+@pytest.fixture()
+def model(tiny_models, tmp_path) -> Path:
+    """A private copy of the tiny Q8_0 model, so adapters written beside it touch no other test."""
+    dst = tmp_path / "tiny" / "tiny-Q8_0.gguf"
+    dst.parent.mkdir()
+    shutil.copy(tiny_models["Q8_0"], dst)
+    return dst
+
+
+def install_adapter(model: Path, checkout: Path, tmp_path: Path, *, temperature: float = 1.0, **meta) -> Path:
+    """A random (non-zero) PEFT adapter for the tiny checkout, converted by our converter and described as
+    `tune` would describe it, beside `model`."""
+    peft = build_adapter(checkout, tmp_path / "peft", seed=3)
+    gguf, meta_path = adapter_files(model)
+    r = run_convert("lora", str(peft), str(checkout), str(gguf))
+    assert r.returncode == 0, r.stderr
+    with AllInOne(model, sentiment_adapter="off", sentiment_prompt="guide", parallel=1, n_ctx=1024) as bot:
+        _, _, digest = bot.sentiment_inputs(["x"])
+    write_metadata(meta_path, {"base_file": model.name, "base_sha256": file_sha256(model), "labels": "zh",
+                               "label_set": ["正面", "负面"], "prompt": "guide", "frame_sha256": digest,
+                               "temperature": temperature, **meta})
+    return gguf
+
+
+# -- data ---------------------------------------------------------------------------------------------------------
+def test_training_injections_are_not_the_ones_evaluate_measures():
+    for lang, templates in TRAIN_INJECTIONS.items():
+        for _, template in templates:
+            for probe in INJECTION.values():
+                assert probe.format(label="").strip() not in template.format(label="")
+    text, (where, template) = inject("菜很好吃。", "zh", 1, random.Random(1))
+    assert "负面" in text or "Negative" in text or "负面" in template.format(label="负面")   # asks for the other label
+    assert ("菜很好吃。" in text) and (text.startswith("菜很好吃。") == (where == "after"))
+
+
+def test_examples_are_seeded_balanced_held_apart_and_injected_copies_keep_their_label(tmp_path):
+    rows = [(i % 2, f"第{i}条评论，{'好' if i % 2 else '差'}。") for i in range(60)]
+    data = write_csv(tmp_path / "a.csv", rows)
+    ex, record = build_examples([data], texts=20, held=6, inject_share=0.5, lang="zh", seed=7)
+    again, _ = build_examples([data], texts=20, held=6, inject_share=0.5, lang="zh", seed=7)
+    other, _ = build_examples([data], texts=20, held=6, inject_share=0.5, lang="zh", seed=8)
+    assert ex == again and ex != other
+    held = [e for e in ex if e.split == "held"]
+    plain = [e for e in ex if e.split == "train" and not e.injected]
+    assert len(held) == 6 and len(plain) == 20
+    assert {e.text for e in held}.isdisjoint(e.text for e in plain)
+    assert sum(e.label for e in held) == 3 and sum(e.label for e in plain) == 10
+    truth = dict((t, y) for y, t in rows)
+    for e in ex:
+        if e.injected:
+            original = next(t for t in truth if t in e.text)
+            assert e.label == truth[original] and e.text != original
+    assert record[0]["train_texts"] == 20 and record[0]["injected_copies"] == sum(e.injected for e in ex) > 0
+
+
+def test_fit_temperature_recovers_the_temperature_that_made_the_labels():
+    rng = random.Random(0)
+    margins = [rng.uniform(-8, 8) for _ in range(4000)]
+    # labels drawn from sigmoid(margin / 2.5): the fitted temperature must come out near 2.5
+    labels = [int(rng.random() < 1 / (1 + pow(2.718281828, -m / 2.5))) for m in margins]
+    assert abs(fit_temperature(margins, labels) - 2.5) < 0.25
+
+
+# -- runtime ------------------------------------------------------------------------------------------------------
+def test_adapter_changes_the_sentiment_only_and_replies_stay_identical(model, tiny_checkout, tmp_path):
+    install_adapter(model, tiny_checkout, tmp_path, temperature=2.0)
+    texts = [t for _, t in TEXTS]
+    with AllInOne(model, sentiment_adapter="off", sentiment_prompt="guide", n_ctx=1024, seed=5) as bot:
+        plain = bot.classify_many(texts)
+        plain_reply = bot.reply("今天心情很好", max_tokens=24)
+    with AllInOne(model, n_ctx=1024, seed=5) as bot:        # auto: the adapter beside the model
+        assert bot.sentiment_adapter is not None and bot.sentiment_adapter.temperature == 2.0
+        tuned = bot.classify_many(texts)
+        # texts classified while the reply streams: their batches carry the adapter, the reply's must not
+        stream = bot.stream_reply("今天心情很好", max_tokens=24)
+        pieces, during = [next(stream)], []
+        worker = threading.Thread(target=lambda: during.extend(bot.classify_many(texts)))
+        worker.start()
+        pieces += list(stream)
+        worker.join(60)
+        steps = bot.stats()["batches"]
+    assert {s.source for s in plain} == {"grammar"} and {s.source for s in tuned} == {"adapter"}
+    # the adapter moved the margins (beyond the temperature's scaling)
+    assert max(abs(a.margin * 2.0 - b.margin) for a, b in zip(tuned, plain)) > 0.05
+    assert "".join(pieces) == plain_reply
+    # the same answers (up to float rounding: the cells they sit in differ while a reply holds others)
+    assert [s.source for s in during] == ["adapter"] * len(texts)
+    assert max(abs(a.margin - b.margin) for a, b in zip(during, tuned)) < 2e-3
+    assert steps > 0
+
+
+def test_off_ignores_the_adapter_and_auto_without_one_is_the_grammar(model, tiny_checkout, tmp_path):
+    with AllInOne(model, n_ctx=1024) as bot:
+        assert bot.sentiment_adapter is None and bot.classify("好").source == "grammar"
+    install_adapter(model, tiny_checkout, tmp_path)
+    with AllInOne(model, n_ctx=1024, sentiment_adapter="off") as bot:
+        assert bot.sentiment_adapter is None and bot.classify("好").source == "grammar"
+    with AllInOne(model, n_ctx=1024, labels="en") as bot:    # trained for zh: English labels use the grammar
+        assert bot.classify("good").source == "grammar" and bot.classify("好", labels="zh").source == "adapter"
+
+
+def test_adapter_for_another_model_file_or_frame_is_refused(model, tiny_checkout, tiny_models, tmp_path):
+    gguf = install_adapter(model, tiny_checkout, tmp_path, base_sha256="0" * 64)
+    with pytest.raises(AdapterError, match="was made for tiny-Q8_0.gguf"):
+        AllInOne(model, n_ctx=1024).classify("好")
+    # the same adapter named explicitly for another model file (the F16 one): refused too
+    meta = json.loads(adapter_files(model)[1].read_text(encoding="utf-8"))
+    write_metadata(adapter_files(model)[1], {**{k: v for k, v in meta.items() if k != "format"},
+                                             "base_sha256": file_sha256(model), "frame_sha256": "1" * 64})
+    with pytest.raises(AdapterError, match="another prompt frame"):
+        AllInOne(model, n_ctx=1024).classify("好")
+    with pytest.raises(AdapterError, match="made for"):
+        AllInOne(tiny_models["F16"], n_ctx=1024, sentiment_adapter=str(gguf)).classify("好")
+    # and a user of the CLI gets one line, not a traceback
+    r = subprocess.run([sys.executable, "-m", "allinone_gguf", "classify", "-", "--model", str(model)],
+                       input="好\n", capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode != 0 and "Traceback" not in r.stderr and "prompt frame" in r.stderr, r.stderr
+
+
+# -- training -----------------------------------------------------------------------------------------------------
+def test_shared_prefix_training_margins_equal_whole_text_ones(tiny_checkout, model, tmp_path):
+    need_tune_env()
+    with AllInOne(model, sentiment_adapter="off", sentiment_prompt="guide", n_ctx=1024) as bot:
+        ids, label_ids, _ = bot.sentiment_inputs([t for _, t in TEXTS])
+    n = len(os.path.commonprefix(ids))
+    inputs = tmp_path / "inputs.jsonl"
+    inputs.write_text(json.dumps({"prefix": ids[0][:n], "label_ids": [list(x) for x in label_ids]}) + "\n" + "".join(
+        json.dumps({"rest": t[n:], "label": y, "split": "train"}) + "\n" for t, (y, _) in zip(ids, TEXTS)))
+    r = subprocess.run([str(TUNE_PYTHON), str(TRAINER), "--checkout", str(tiny_checkout), "--inputs", str(inputs),
+                        "--out", str(tmp_path / "x"), "--self-check", "--precision", "fp32"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr[-2000:]
+    result = json.loads(r.stdout.strip().splitlines()[-1])
+    assert result["max_abs_diff"] < 1e-4 and len(result["shared"]) == 6
+    assert max(abs(x) for x in result["shared"]) > 1e-3     # margins that are not all zero
+
+
+@pytest.fixture(scope="module")
+def tuned(tiny_models, tiny_checkout, tmp_path_factory):
+    """`python -m allinone_gguf tune` end to end on the tiny model: (model, metadata, seconds, process)."""
+    need_tune_env()
+    tmp = tmp_path_factory.mktemp("tuned")
+    model = tmp / "tiny-Q8_0.gguf"
+    shutil.copy(tiny_models["Q8_0"], model)
+    data = write_csv(tmp / "train.csv", TEXTS * 3)
+    dev = write_csv(tmp / "dev.csv", TEXTS)
+    start = time.perf_counter()
+    r = subprocess.run([sys.executable, "-m", "allinone_gguf", "tune", str(model), "--data", str(data), "--dev",
+                        str(dev), "--hf", str(tiny_checkout), "--texts", "16", "--held", "6", "--batch", "4",
+                        "--threads", "2", "--work", str(tmp / "work")],
+                       capture_output=True, text=True, cwd=ROOT, timeout=600)
+    seconds = time.perf_counter() - start
+    assert r.returncode == 0, r.stderr[-3000:]
+    meta = json.loads(adapter_files(model)[1].read_text(encoding="utf-8"))
+    return model, meta, seconds, r, tmp
+
+
+def test_tune_end_to_end_writes_an_adapter_the_runtime_uses(tuned):
+    model, meta, seconds, r, tmp = tuned
+    gguf, _ = adapter_files(model)
+    assert seconds < 120, seconds            # "in seconds" on the tiny model (generous for a loaded machine)
+    assert meta["base_sha256"] == file_sha256(model) and meta["prompt"] == "guide" and meta["labels"] == "zh"
+    assert meta["adapter_sha256"] == file_sha256(gguf) and meta["temperature"] > 0
+    assert meta["training"]["files"][0]["sha256"] == file_sha256(tmp / "train.csv")
+    files = meta["training"]["files"]
+    assert files[0]["train_texts"] == 16 and files[0]["held_texts"] == 6 and meta["training"]["steps"] > 0
+    assert set(meta["dev"]["dev.csv"]) >= {"accuracy", "recall"} and meta["dev"]["dev.csv"]["source"] == "adapter"
+    assert "tune:" in r.stderr and "wrote" in r.stderr          # progress bar and summary on stderr
+    with AllInOne(model, n_ctx=1024) as bot:
+        s = bot.classify("味道很好")
+    assert s.source == "adapter" and abs(sum(s.probs.values()) - 1) < 1e-6
+
+
+@pytest.mark.skipif(not REFERENCE_PYTHON.is_file(),
+                    reason=f"no reference environment at {REFERENCE_PYTHON}: run `make reference-env`")
+def test_trained_adapter_converts_byte_identical_to_the_reference(tuned, tiny_checkout, tmp_path):
+    *_, tmp = tuned
+    peft = tmp / "work" / "peft"
+    ref = tmp_path / "ref.gguf"
+    script = reference_lora_converter(CACHE / "vocab")
+    p = subprocess.run([str(REFERENCE_PYTHON), str(script), str(peft), "--base", str(tiny_checkout),
+                        "--outtype", "f16", "--outfile", str(ref)],
+                       capture_output=True, text=True, timeout=600, cwd=script.parent)
+    assert p.returncode == 0, p.stderr[-3000:]
+    ours = adapter_files(tuned[0])[0]
+    assert differences(str(ours), str(ref), include_general=True) == []
+    assert ours.read_bytes() == ref.read_bytes()
+
+
+def test_ctrl_c_stops_training_and_keeps_the_best_checkpoint(tiny_checkout, model, tmp_path):
+    need_tune_env()
+    rows = [(i % 2, f"第{i}条：{'很满意' if i % 2 else '很失望'}") for i in range(400)]
+    with AllInOne(model, sentiment_adapter="off", sentiment_prompt="guide", n_ctx=1024) as bot:
+        ids, label_ids, _ = bot.sentiment_inputs([t for _, t in rows])
+    n = len(os.path.commonprefix(ids))
+    inputs = tmp_path / "inputs.jsonl"
+    inputs.write_text(json.dumps({"prefix": ids[0][:n], "label_ids": [list(x) for x in label_ids]}) + "\n" + "".join(
+        json.dumps({"rest": t[n:], "label": y, "split": "held" if i < 8 else "train"}) + "\n"
+        for i, (t, (y, _)) in enumerate(zip(ids, rows))))
+    out = tmp_path / "peft"
+    proc = subprocess.Popen([str(TUNE_PYTHON), str(TRAINER), "--checkout", str(tiny_checkout), "--inputs",
+                             str(inputs), "--out", str(out), "--batch", "1", "--epochs", "20", "--threads", "1"],
+                            stderr=subprocess.PIPE, text=True)
+    seen = ""
+    deadline = time.monotonic() + 120
+    while "tune:" not in seen or "/7840" not in seen:       # the bar is up and counting
+        assert time.monotonic() < deadline, seen[-2000:]
+        seen += proc.stderr.read(64)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGINT)
+    rest = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 130, rest[-2000:]
+    log = json.loads((out / "train_log.json").read_text())
+    assert log["interrupted"] and 0 < log["steps"] < log["steps_planned"] and log["best"]["n"] == 8
+    assert (out / "adapter_model.safetensors").is_file() and (out / "adapter_config.json").is_file()
+
+
+def test_tune_without_its_environment_or_checkout_says_what_to_do(model, tmp_path):
+    data = write_csv(tmp_path / "t.csv", TEXTS)
+    env = {**os.environ, "ALLINONE_TUNE_PYTHON": str(tmp_path / "nowhere/python")}
+    r = subprocess.run([sys.executable, "-m", "allinone_gguf", "tune", str(model), "--data", str(data)],
+                       capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
+    assert r.returncode == 2 and "make tune-env" in r.stderr and "Traceback" not in r.stderr
+    env["ALLINONE_TUNE_PYTHON"] = sys.executable       # an environment is there, but no manifest / --hf
+    r = subprocess.run([sys.executable, "-m", "allinone_gguf", "tune", str(model), "--data", str(data)],
+                       capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
+    assert r.returncode == 2 and "--hf" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_bench_adapter_reports_both_paths_side_by_side(model, tiny_checkout, tmp_path):
+    install_adapter(model, tiny_checkout, tmp_path)
+    data = write_csv(tmp_path / "dev.csv", TEXTS)
+    r = subprocess.run([sys.executable, "-m", "allinone_gguf.measure.bench_adapter", str(model), "--data", str(data),
+                        "--threads", "2", "--out", str(tmp_path / "results")],
+                       capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = json.loads(next((tmp_path / "results").glob("adapter-*-tiny-Q8_0.json")).read_text(encoding="utf-8"))
+    g, a = report["paths"]["grammar"], report["paths"]["adapter"]
+    assert g["source"] == "grammar" and a["source"] == "adapter" and a["adapter_bytes"] > 0 == g["adapter_bytes"]
+    assert g["data"]["dev.csv"]["n"] == a["data"]["dev.csv"]["n"] == len(TEXTS)
+    assert 0 <= a["data"]["dev.csv"]["flips"] <= 1 and a["latency"]["short"]["p50_ms"] > 0
+    assert "| dev.csv | adapter |" in r.stdout and "adapter / grammar" in r.stdout
