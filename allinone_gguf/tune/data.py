@@ -10,11 +10,11 @@ The injection templates here are never the ones `python -m allinone_gguf.evaluat
 from __future__ import annotations
 
 import csv
-import hashlib
 import random
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..runtime.adapter import file_sha256
 from ..runtime.prompts import LABEL_SETS
 
 # {label} is the label the injection asks for: always the wrong one. Chinese and English; appended, prepended,
@@ -71,10 +71,6 @@ def read_labelled(path: Path) -> list[tuple[int, str]]:
                 raise ValueError(f"{path}:{reader.line_num}: label must be 0 or 1 and text non-empty")
             rows.append((int(label), text))
     return rows
-
-
-def file_sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def build_examples(files: list[Path], *, texts: int, held: int, inject_share: float, lang: str,
