@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from allinone_gguf.faces import cli, flags
+from allinone_gguf.runtime import BRANCHES
 from allinone_gguf.runtime.config import Settings
 from allinone_gguf.measure.metrics import normalise_gold
 from allinone_gguf.faces.rowio import count_done, detect_format, read_records
@@ -382,23 +383,29 @@ def test_resume_after_a_killed_run_loses_and_duplicates_nothing(model, tmp_path,
 
 
 def test_ctrl_c_stops_a_run_that_resume_finishes(model, tmp_path):
-    src = tmp_path / "in.txt"
+    # The texts come through a pipe that stays open: after the first 40 the run has classified what it could and
+    # waits for more input, so Ctrl-C lands mid-run however fast the machine is (no race with the model's speed).
     texts = [f"消息{i}：今天的心情还不错，但是工作有点累。" * 4 for i in range(300)]
-    src.write_text("\n".join(texts) + "\n", encoding="utf-8")
     out = tmp_path / "out.csv"
-    proc = subprocess.Popen([sys.executable, "-m", "allinone_gguf", "classify", str(src), "-o", str(out), "-q",
-                             "--model", str(model), "--n-threads", "1"], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        if out.exists() and out.read_bytes().count(b"\n") >= 4:
-            break
-        time.sleep(0.005)
-    assert proc.poll() is None, "the run ended before Ctrl-C"
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130 and "rerun with --resume" in err
-    r = run("classify", src, "-o", out, "--resume", "--model", model, "-q")
+    proc = subprocess.Popen([sys.executable, "-m", "allinone_gguf", "classify", "-", "-o", str(out), "-q",
+                             "--model", str(model), "--n-threads", "1"], cwd=ROOT, stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, encoding="utf-8")
+    try:
+        proc.stdin.write("".join(t + "\n" for t in texts[:40]))
+        proc.stdin.flush()
+        deadline = time.time() + 120       # two groups of BRANCHES rows written and flushed: the event to wait on
+        while time.time() < deadline and proc.poll() is None:
+            if out.exists() and out.read_bytes().count(b"\n") >= 1 + 2 * BRANCHES:
+                break
+            time.sleep(0.01)
+        assert proc.poll() is None, proc.stderr.read()
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130 and "rerun with --resume" in err, err
+    assert len(read_csv(out)) == 2 * BRANCHES                   # every row classified before Ctrl-C was kept
+    r = run("classify", "-", "-o", out, "--resume", "--model", model, "-q", stdin="".join(t + "\n" for t in texts))
     assert r.returncode == 0, r.stderr
     assert [row["text"] for row in read_csv(out)] == texts
 
