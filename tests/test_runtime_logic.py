@@ -553,3 +553,84 @@ def test_think_blocks_never_reach_the_reader(bot):
     backend(bot).reply_bytes = "<think>\n让我想想……</think>\n\n你好！".encode()
     stream = bot.stream_reply("在吗")
     assert "".join(stream) == "你好！" and stream.finish_reason == "stop"
+
+
+# -- fairness and bounds ------------------------------------------------------------------------------------------
+class GatedBackend(FakeBackend):
+    """Once `gate` is armed, every llama_decode reports that it started and waits for the test to let it finish:
+    the test, not the machine's speed, decides how far the worker gets."""
+
+    armed = False
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.entered, self.proceed = threading.Semaphore(0), threading.Semaphore(0)
+        self.texts_per_step: list[int] = []
+
+    def decode(self, parts, adapter=False):
+        out = super().decode(parts, adapter)
+        if self.armed:
+            self.texts_per_step.append(sum(SEQ_SENTIMENT < seq <= SEQ_SENTIMENT + BRANCHES for seq, _, _ in parts))
+            self.entered.release()
+            assert self.proceed.acquire(timeout=30), "the test never let this decode finish"
+        return out
+
+
+class GatedBot(AllInOne):
+    backend_class = GatedBackend
+
+
+def test_a_single_text_is_not_held_behind_a_large_classification():
+    with GatedBot("fake.gguf", n_threads=1, n_ctx=2048, sentiment_prompt="seed") as bot:
+        b = backend(bot)
+        b.armed = True
+        big = threading.Thread(target=lambda: results.update(big=bot.classify_many(["好" * 20] * 300)))
+        results: dict = {}
+        big.start()
+        assert b.entered.acquire(timeout=30)          # the large job's first group is being decoded
+        small = threading.Thread(target=lambda: results.update(small=bot.classify("差差差")))
+        small.start()
+        while bot.load["waiting"] == 0 and "small" not in results:   # submitted (the worker is held in decode)
+            time.sleep(0.001)
+        for _ in range(3):                             # three decodes, each let through by the test
+            b.proceed.release()
+            assert b.entered.acquire(timeout=30)
+        b.proceed.release()
+        small.join(timeout=30)
+        assert results["small"].label == "负面"
+        assert big.is_alive() and "big" not in results                # still far from done: dozens of groups
+        first, *next_two = b.texts_per_step[:3]
+        assert first > 1 and 1 in next_two          # the single text got one of the next two steps
+        b.armed = False
+        while big.is_alive():
+            b.proceed.release()
+            big.join(timeout=0.05)
+        assert [s.label for s in results["big"]] == ["正面"] * 300
+
+
+def test_groups_are_tokenized_when_the_worker_reaches_them():
+    with FakeBot("fake.gguf", n_threads=1, n_ctx=2048, sentiment_prompt="seed") as bot:
+        calls = []
+        b = backend(bot)
+        tokenize = b.tokenize
+        b.tokenize = lambda text, special=False: (calls.append(len(b.batches)), tokenize(text, special))[1]
+        bot.classify_many([f"好{i}" for i in range(5 * BRANCHES)])
+        text_calls = calls[:]
+        # tokenizing is spread over the steps (one group ahead), not done all before the first decode
+        assert len(set(text_calls)) >= 5
+
+
+def test_long_texts_are_clipped_before_tokenizing_and_api_chat_refuses_them():
+    with FakeBot("fake.gguf", n_threads=1, n_ctx=2048, sentiment_prompt="seed", max_text_chars=2000) as bot:
+        b = backend(bot)
+        sizes = []
+        tokenize = b.tokenize
+        b.tokenize = lambda text, special=False: (sizes.append(len(text)), tokenize(text, special))[1]
+        long = "好" * 10 + "中" * 100_000 + "差" * 30
+        assert bot.classify(long).label == "负面"    # the tail is read: its 差 outweigh the head's 好
+        assert max(sizes) <= 2000
+        with pytest.raises(ValueError, match="max_text_chars"):
+            bot.stream_reply(long, shorten=False)
+        sizes.clear()
+        assert "".join(bot.stream_reply(long, max_tokens=4))        # shortened, not refused
+        assert max(sizes) <= 2000

@@ -265,9 +265,19 @@ class Backend:
             llama_cpp.llama_sampler_free(smpl)
 
     def sampler(self, *, temperature: float, top_k: int, top_p: float, repeat_penalty: float,
-                seed: int | None) -> "Sampler":
+                seed: int | None, grammar: str | None = None) -> "Sampler":
         return Sampler(self, temperature=temperature, top_k=top_k, top_p=top_p, repeat_penalty=repeat_penalty,
-                       seed=seed)
+                       seed=seed, grammar=grammar)
+
+    def logprobs(self, index: int, token: int, top: int) -> tuple[float, list[tuple[int, float]]]:
+        """log P(token) under the model's own distribution at the batch's `index`-th row (before any sampling
+        setting), and the `top` likeliest tokens with theirs, likeliest first."""
+        row = self.logits_row(index).astype(np.float64)
+        peak = row.max()
+        norm = peak + np.log(np.exp(row - peak).sum())
+        best = np.argpartition(-row, top)[:top] if 0 < top < len(row) else np.arange(len(row) if top else 0)
+        best = best[np.argsort(-row[best], kind="stable")]
+        return float(row[token] - norm), [(int(i), float(row[i] - norm)) for i in best]
 
     def close(self) -> None:
         if self.batch is not None:
@@ -288,13 +298,20 @@ class Backend:
 
 
 class Sampler:
-    """A llama.cpp sampler chain for replies: penalties -> top-k -> top-p -> temperature -> seeded draw."""
+    """A llama.cpp sampler chain for replies: [grammar ->] penalties -> top-k -> top-p -> temperature -> seeded
+    draw. A GBNF `grammar` (structured outputs) lets through only tokens that keep the reply inside it."""
 
     def __init__(self, backend: Backend, *, temperature: float, top_k: int, top_p: float, repeat_penalty: float,
-                 seed: int | None):
+                 seed: int | None, grammar: str | None = None):
         self.backend = backend
         self.chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
         add = lambda s: llama_cpp.llama_sampler_chain_add(self.chain, s)  # noqa: E731
+        if grammar is not None:
+            rule = llama_cpp.llama_sampler_init_grammar(backend.vocab, grammar.encode("utf-8"), b"root")
+            if not rule:
+                self.close()
+                raise ValueError("llama.cpp rejected the reply's grammar (response_format)")
+            add(rule)
         if repeat_penalty != 1.0:
             add(llama_cpp.llama_sampler_init_penalties(backend.n_vocab, 64, repeat_penalty, 0.0, 0.0))
         if temperature <= 0:

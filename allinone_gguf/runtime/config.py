@@ -61,6 +61,9 @@ class Settings:
         "help": "requests that may wait for the model; more are refused at once (HTTP 503)"})
     queue_timeout: float = field(default=300.0, metadata={
         "help": "seconds a request may wait for the model before it is refused"})
+    max_text_chars: int = field(default=65_536, metadata={
+        "help": "longest text or message read, in characters, bounding the tokenizer's work: a longer text keeps "
+                "its head and tail (a chat request that may not be shortened is refused)"})
     max_history_chars: int = field(default=400_000, metadata={
         "help": "longest history accepted with one request, in characters (older turns beyond the "
                 "context are dropped anyway)"})
@@ -83,6 +86,8 @@ class Settings:
         if self.parallel < 1 or self.max_queue < 1 or self.queue_timeout <= 0:
             raise ValueError(f"parallel and max_queue must be at least 1 and queue_timeout > 0, not "
                              f"{self.parallel}, {self.max_queue}, {self.queue_timeout}")
+        if self.max_text_chars < 1024:
+            raise ValueError(f"max_text_chars must be at least 1024, not {self.max_text_chars}")
         if self.sentiment_tokens < 16:
             raise ValueError(f"sentiment_tokens must be at least 16, not {self.sentiment_tokens}")
         if self.sentiment_prompt not in SENTIMENT_PROMPTS:

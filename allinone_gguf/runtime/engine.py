@@ -30,6 +30,7 @@ from .sentiment import LabelReader, Sentiment, head_tail, language_of, sentiment
 log = logging.getLogger(__name__)
 
 SEQ_SENTIMENT = 0
+MAX_TOP_LOGPROBS = 20  # alternatives per token a reply may report (OpenAI's top_logprobs bound)
 BRANCHES = 16          # texts classified in one batch, each in a branch sequence after SEQ_SENTIMENT
 
 
@@ -39,6 +40,14 @@ def check_text(text: object) -> str:
     if not text.strip():
         raise ValueError("text is empty")
     return text
+
+
+def clip_chars(text: str, limit: int) -> str:
+    """`text`, or its first and last characters, `limit` in all, when it is longer: far more than the sentiment
+    role or the context reads of it, so the tokens they keep are the same, but tokenizing stays bounded."""
+    if len(text) <= limit:
+        return text
+    return text[:limit // 2] + text[len(text) - (limit - limit // 2):]
 
 
 def check_history(history: Sequence[dict] | None, max_chars: int | None = None) -> list[tuple[str, str]]:
@@ -134,7 +143,7 @@ class AllInOne:
         does; running replies go on between two batches. Labels and confidences match classify()'s up to float
         rounding (a batch of several texts sums in another order).
         """
-        texts = [check_text(t) for t in texts]
+        texts = [clip_chars(check_text(t), self.settings.max_text_chars) for t in texts]
         if not texts:
             return []
         lang = language_of(labels, self.settings.labels)
@@ -144,14 +153,15 @@ class AllInOne:
         adapter = self._uses_adapter(lang)
         scale, source = (1.0 / self._adapter.temperature, "adapter") if adapter else (1.0, "grammar")
 
-        def plan(b):
-            groups: list[list[tuple[int, list[int]]]] = []
+        def plan(b):    # the groups, each tokenized when the worker reaches it
+            group: list[tuple[int, list[int]]] = []
             for i, t in enumerate(texts):
                 body = self._body(b, t, lang)
-                if not groups or len(groups[-1]) == BRANCHES or sum(len(x) for _, x in groups[-1]) + len(body) > room:
-                    groups.append([])
-                groups[-1].append((i, body))
-            return groups
+                if group and (len(group) == BRANCHES or sum(len(x) for _, x in group) + len(body) > room):
+                    yield group
+                    group = []
+                group.append((i, body))
+            yield group
 
         def prefix(b) -> int:
             # The sentiment sequence must start with this language's frame, decoded whole as at start-up when it
@@ -178,7 +188,7 @@ class AllInOne:
         """What the sentiment role decodes for each text (the whole frame: prompt, text cut to sentiment_tokens,
         the turn's close), the token ids it reads each label's probability from, and the frame's digest: the
         exact inputs a sentiment adapter is trained on (allinone_gguf/tune)."""
-        texts = [check_text(t) for t in texts]
+        texts = [clip_chars(check_text(t), self.settings.max_text_chars) for t in texts]
         lang = language_of(labels, self.settings.labels)
 
         def build(b):
@@ -195,16 +205,22 @@ class AllInOne:
     def stream_reply(self, text: str, history: Sequence[dict] | None = None, sentiment: Sentiment | None = None,
                      temperature: float | None = None, max_tokens: int | None = None, seed: int | None = None, *,
                      top_p: float | None = None, stop: Sequence[str] = (), conversation: str | None = None,
-                     shorten: bool = True) -> ReplyStream:
+                     shorten: bool = True, grammar: str | None = None, logprobs: int | None = None) -> ReplyStream:
         """Reply to `text` after `history` (oldest first, without `text`); iterate the result for text pieces.
 
         `sentiment` (from classify) reaches the model as a cue on the user turn; None = no cue. `conversation`
         names the KV slot to prefer (any id the caller keeps); without it the slot sharing the longest history
         is used. A text too long for the context is shortened (head and tail) unless `shorten=False`, which
         raises ContextOverflow (from wait_started() or the first next()). Pieces never split a UTF-8 character.
+        `grammar` (GBNF, e.g. json_grammar(schema)) constrains the reply; `logprobs=k` records each sampled
+        token's log probability and its k likeliest alternatives (ReplyStream.logprobs()).
         """
         text = check_text(text)
         s = self.settings
+        if len(text) > s.max_text_chars and not shorten:
+            raise ValueError(f"the message holds {len(text)} characters, more than the {s.max_text_chars} accepted "
+                             "(max_text_chars); shorten it")
+        read = clip_chars(text, s.max_text_chars)       # what is tokenized; the turn keeps the text as sent
         turns = check_history(history, s.max_history_chars)
         temperature = s.temperature if temperature is None else float(temperature)
         top_p = s.top_p if top_p is None else float(top_p)
@@ -225,7 +241,7 @@ class AllInOne:
             matched = shared_turns(turns, slot.turns)
             past = slot.turns[:matched] + [Turn(role, content, b.tokenize(content))   # held: the tokens the
                                            for role, content in turns[matched:]]     # model saw (cue, sampled ids)
-            body, cue_tokens = b.tokenize(text), b.tokenize(cue)
+            body, cue_tokens = b.tokenize(read), b.tokenize(cue)
             prompt, start = self._window(b, lang, past, body + cue_tokens, budget,
                                          slot.start if 0 < slot.start <= matched else 0)
             if prompt is None:
@@ -240,10 +256,13 @@ class AllInOne:
                 past = []
             new_turns = past + [Turn("user", text, body + cue_tokens)]
             sampler = b.sampler(temperature=temperature, top_k=s.top_k, top_p=top_p,
-                                repeat_penalty=s.repeat_penalty, seed=s.seed if seed is None else seed)
+                                repeat_penalty=s.repeat_penalty, seed=s.seed if seed is None else seed,
+                                grammar=grammar)
             return prompt, new_turns, start, sampler
 
-        job = ReplyJob(prepare, turns, conversation, max_tokens, hide_thinking=True, stop=stops)
+        if logprobs is not None and not 0 <= logprobs <= MAX_TOP_LOGPROBS:
+            raise ValueError(f"logprobs must be between 0 and {MAX_TOP_LOGPROBS}, not {logprobs}")
+        job = ReplyJob(prepare, turns, conversation, max_tokens, hide_thinking=True, stop=stops, logprobs=logprobs)
         self._worker.submit(job)
         return ReplyStream(job)
 

@@ -85,17 +85,43 @@ class CallJob(Job):
         return self.result
 
 
-class ClassifyJob(CallJob):
-    """Texts to classify, decoded a group per step; `plan(backend)` returns the groups, each a list of
-    (index, tokens after the shared prefix); `read(backend, logits row)` is called per text. With `adapter`
-    the groups never share a batch with replies: the LoRA must touch the sentiment sequences only."""
+class Groups:
+    """A classification's groups, made one at a time when the worker needs the next (tokenizing as it goes): a
+    large request never holds the worker longer than one group's tokenizing."""
 
-    def __init__(self, plan: Callable[[Any], list[list[tuple[int, list[int]]]]], prefix: Callable[[Any], int],
+    def __init__(self, groups: Iterator[list[tuple[int, list[int]]]]):
+        self._source, self._ready = iter(groups), deque()
+
+    def peek(self) -> list[tuple[int, list[int]]] | None:
+        if not self._ready:
+            group = next(self._source, None)
+            if group is not None:
+                self._ready.append(group)
+        return self._ready[0] if self._ready else None
+
+    def pop(self) -> list[tuple[int, list[int]]]:
+        self.peek()
+        return self._ready.popleft()
+
+    def put_back(self, group: list[tuple[int, list[int]]]) -> None:
+        self._ready.appendleft(group)
+
+    def __bool__(self) -> bool:
+        return self.peek() is not None
+
+
+class ClassifyJob(CallJob):
+    """Texts to classify, decoded a group per step; `plan(backend)` yields the groups, each a list of
+    (index, tokens after the shared prefix), made when the worker reaches them; `read(backend, logits row)` is
+    called per text. With `adapter` the groups never share a batch with replies: the LoRA must touch the
+    sentiment sequences only."""
+
+    def __init__(self, plan: Callable[[Any], Iterator[list[tuple[int, list[int]]]]], prefix: Callable[[Any], int],
                  read: Callable[[Any], Any], n: int, adapter: bool = False):
         super().__init__(plan)
         self.prefix, self.read = prefix, read
         self.adapter = adapter      # decode the groups with the sentiment LoRA, in batches of their own
-        self.groups: deque | None = None
+        self.groups: Groups | None = None
         self.results: list[Any] = [None] * n
 
 
@@ -120,10 +146,12 @@ class ReplyJob(Job):
     """
 
     def __init__(self, prepare: Callable, history: list[tuple[str, str]], conversation: str | None,
-                 max_tokens: int, hide_thinking: bool, stop: list[str] = ()):
+                 max_tokens: int, hide_thinking: bool, stop: list[str] = (), logprobs: int | None = None):
         super().__init__()
         self.prepare, self.history, self.conversation = prepare, history, conversation
         self.max_tokens = max_tokens
+        self.logprobs = logprobs          # None: none; k: each sampled token's log P and the k likeliest
+        self.token_logprobs: list[TokenLogprob] = []
         self.channel: queue.Queue = queue.Queue()
         self.started = threading.Event()
         self.finish_reason: str | None = None
@@ -184,6 +212,16 @@ class ReplyJob(Job):
         self.channel.put(_END)
 
 
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One sampled token of a reply: its bytes, log P under the model, and the likeliest alternatives
+    ((bytes, log P), likeliest first) when they were asked for."""
+
+    token: bytes
+    logprob: float
+    top: tuple[tuple[bytes, float], ...] = ()
+
+
 class ReplyStream:
     """What `AllInOne.stream_reply` returns: iterate it for text pieces (never a broken UTF-8 character).
 
@@ -222,6 +260,11 @@ class ReplyStream:
     @property
     def usage(self) -> dict:
         return dict(self._job.usage)
+
+    def logprobs(self, start: int = 0) -> list[TokenLogprob]:
+        """The sampled tokens' log probabilities from `start` on (with `logprobs=` on stream_reply; else []).
+        Each token's entry is there before the text it completes is read from the stream."""
+        return self._job.token_logprobs[start:]
 
     def cancel(self) -> None:
         """Stop the reply from any thread; a reader still gets what was sent, then the end."""
@@ -364,7 +407,7 @@ class Scheduler:
         b = self.backend
         try:
             if isinstance(job, ClassifyJob):
-                job.groups = deque(job.fn(b))
+                job.groups = Groups(job.fn(b))
                 self._classify.append(job)
             elif isinstance(job, CallJob):
                 job.result = job.fn(b)
@@ -432,14 +475,12 @@ class Scheduler:
             parts.append((job.slot.seq, job.pending, True))
             owners.append(("reply", job))
             room -= len(job.pending)
-        group_job = group = None
-        if self._classify and sum(len(t) for _, t in self._classify[0].groups[0]) <= room:
-            group_job = self._classify[0]
-            group = group_job.groups.popleft()
+        group_job, group = self._next_group(room)
+        if group_job is not None:
             try:
                 n_prefix = group_job.prefix(b)
             except KVFull:
-                group_job.groups.appendleft(group)
+                group_job.groups.put_back(group)
                 group_job = group = None
                 self._make_room([])
             else:
@@ -468,6 +509,23 @@ class Scheduler:
         else:
             self._decode(parts, owners, group_job, group, False)
 
+    def _next_group(self, room: int) -> tuple[ClassifyJob | None, list | None]:
+        """The next group of texts to decode and its job, when it fits `room` tokens. Classifications take turns,
+        a group each: a one-text request (a chat message's label) never waits behind a large file's."""
+        while self._classify:
+            job = self._classify[0]
+            try:
+                group = job.groups.peek()
+            except Exception as exc:        # tokenizing one of its texts failed
+                self._classify.popleft()
+                job.fail(exc)
+                continue
+            if group is None or sum(len(t) for _, t in group) > room:
+                return None, None
+            self._classify.rotate(-1)
+            return job, job.groups.pop()
+        return None, None
+
     def _decode(self, parts: list, owners: list, group_job: ClassifyJob | None, group, adapter: bool) -> None:
         """Decode one batch and hand each row to its owner (a reply's sampler, a text's reader)."""
         b = self.backend
@@ -475,7 +533,7 @@ class Scheduler:
             rows = b.decode(parts, adapter)
         except KVFull:
             if group_job is not None:
-                group_job.groups.appendleft(group)     # tried again at the next step
+                group_job.groups.put_back(group)       # tried again at the next step
             self._make_room(owners)
             return
         except RuntimeError as exc:
@@ -536,7 +594,11 @@ class Scheduler:
             self._classify.popleft().fail(RuntimeError("the context is full; raise n_ctx"))
 
     def _sample(self, job: ReplyJob, row: int) -> None:
+        b = self.backend
         token = job.sampler.sample(row)
+        if job.logprobs is not None and not b.is_end(token):
+            logprob, top = b.logprobs(row, token, job.logprobs)
+            job.token_logprobs.append(TokenLogprob(b.piece(token), logprob, tuple((b.piece(i), lp) for i, lp in top)))
         if self.backend.is_end(token):
             job.pending = []
             self._finish(job, "stop")
