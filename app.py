@@ -13,8 +13,12 @@ The page is at `/`, the OpenAI-compatible API under `/v1` (allinone_gguf/faces/o
 whether the model is loaded. Gradio's own named endpoints `classify` and `respond` stay:
 
     from gradio_client import Client
-    client = Client("http://127.0.0.1:7860/")
+    client = Client("http://127.0.0.1:7860/")       # with --api-key: headers={"Authorization": "Bearer KEY"}
     label, confidence, reply = client.predict("今天的实验终于成功了!", [], api_name="/respond")
+
+With `--api-key KEY` (or $ALLINONE_API_KEY) every route but /health needs the key: API clients send it as a
+Bearer token, a browser logs in once at /login (allinone_gguf/faces/http_guard.py). Bodies over
+--max-body-bytes are refused with 413 before they are parsed.
 """
 
 import os  # no `from __future__ import annotations`: gr.api reads the real type hints
@@ -38,6 +42,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from allinone_gguf import AllInOne, ModelLoadError, Settings
+from allinone_gguf.faces.http_guard import Guard
 from allinone_gguf.faces.flags import add_dataclass_arguments, add_settings_arguments, overrides
 from allinone_gguf.faces.openai_api import build_router
 from allinone_gguf.runtime import QueueFull
@@ -297,7 +302,7 @@ def build_app(slot: ModelSlot) -> gr.Blocks:
     return demo
 
 
-APP_FLAGS = ("model", "models_dir", "host", "port")
+APP_FLAGS = ("model", "models_dir", "host", "port", "max_body_bytes", "max_classify_texts")
 LOAD_FLAGS = ("n_threads", "n_ctx", "parallel", "max_queue")   # load-time knobs; per-reply ones are UI controls
 
 
@@ -308,23 +313,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                             "Qwen All-in-One (GGUF).")
     add_dataclass_arguments(p, AppSettings, APP_FLAGS, "app (defaults from allinone_gguf.faces.ui_helpers)")
     add_settings_arguments(p, LOAD_FLAGS)
-    p.add_argument("--api-key", default=os.environ.get("ALLINONE_API_KEY"),
-                   help="require `Authorization: Bearer KEY` on /v1 (default: $ALLINONE_API_KEY, else none)")
+    p.add_argument("--api-key", default=os.environ.get("ALLINONE_API_KEY") or None,
+                   help="require this key on every route but /health: `Authorization: Bearer KEY` from API clients, "
+                        "a login form (/login) once per browser (default: $ALLINONE_API_KEY, else none)")
     args = p.parse_args(argv)
     args.ui, args.load = AppSettings(**overrides(args, APP_FLAGS)), overrides(args, LOAD_FLAGS)
     return args
 
 
-def build_server(slot: ModelSlot, api_key: str | None) -> FastAPI:
-    """One FastAPI app: the OpenAI-compatible routes first, then the Gradio page mounted at /."""
+def build_server(slot: ModelSlot, api_key: str | None, ui: AppSettings = AppSettings()) -> Guard:
+    """One ASGI app: the OpenAI-compatible routes first, then the Gradio page mounted at /, all behind the Guard
+    (the API key on every route but /health, the body size bound)."""
     server = FastAPI(title="Qwen All-in-One (GGUF)", docs_url=None, redoc_url=None, openapi_url=None)
-    server.include_router(build_router(lambda: slot.bot, lambda: Path(slot.current()).name, api_key=api_key,
-                                       is_ready=slot.ready.is_set))
+    server.include_router(build_router(lambda: slot.bot, lambda: Path(slot.current()).name,
+                                       is_ready=slot.ready.is_set, max_classify_texts=ui.max_classify_texts))
     demo = build_app(slot)
     demo.queue(default_concurrency_limit=1, max_size=64)
     # Nothing that reaches out: no share tunnel, no node SSR server, no MCP, no PWA, no run history.
-    return gr.mount_gradio_app(server, demo, path="/", ssr_mode=False, mcp_server=False, pwa=False,
-                               run_history=False, footer_links=["api", "settings"])
+    app = gr.mount_gradio_app(server, demo, path="/", ssr_mode=False, mcp_server=False, pwa=False,
+                              run_history=False, footer_links=["api", "settings"])
+    return Guard(app, api_key=api_key, max_body_bytes=ui.max_body_bytes)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -341,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ModelLoadError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    config = uvicorn.Config(build_server(slot, args.api_key), host=ui.host, port=ui.port, log_level="warning",
+    config = uvicorn.Config(build_server(slot, args.api_key, ui), host=ui.host, port=ui.port, log_level="warning",
                             timeout_graceful_shutdown=2)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)

@@ -9,18 +9,19 @@
     r.choices[0].message.content, r.model_extra["sentiment"]
 
 Endpoints: GET /v1/models; POST /v1/chat/completions (stream as server-sent events, messages, max_tokens,
-temperature, top_p, seed, stop, usage; the sentiment of the last user message as an extension object
-"sentiment": {"label", "confidence", "probs"} on the response and on the first stream chunk); POST /v1/classify
-(one text or a list); GET /health (503 while the model loads). Errors use OpenAI's shape
-{"error": {"message", "type", "param", "code"}}. System messages are accepted and ignored: the assistant's
-own system prompt makes the reply empathetic. The model field is echoed; the loaded model answers.
+temperature, top_p, seed, stop, usage; response_format json_object / json_schema, a grammar the reply is sampled
+under; logprobs / top_logprobs; a request with `tools` is refused with a 400, the model never calls a tool; the
+sentiment of the last user message as an extension object "sentiment": {"label", "confidence", "probs"} on the
+response and on the first stream chunk); POST /v1/classify (one text or a list of at most max_classify_texts);
+GET /health (503 while the model loads). Errors use OpenAI's shape {"error": {"message", "type", "param",
+"code"}}. System messages are accepted and ignored: the assistant's own system prompt makes the reply empathetic.
+The model field is echoed; the loaded model answers. The API key and the body bound: http_guard.py.
 """
 from __future__ import annotations
 
 import asyncio
 import json
 import logging
-import secrets
 import time
 import uuid
 from typing import Any, Callable
@@ -89,8 +90,63 @@ def _number(body: dict, name: str, kind: type, low: float | None = None, high: f
         raise ApiError(400, f"{name} must be {'an integer' if kind is int else 'a number'}", param=name)
     value = kind(value)
     if (low is not None and value < low) or (high is not None and value > high):
-        raise ApiError(400, f"{name} must be between {low} and {high}", param=name)
+        bound = (f"between {low} and {high}" if low is not None and high is not None
+                 else f">= {low}" if low is not None else f"<= {high}")
+        raise ApiError(400, f"{name} must be {bound}, not {value}", param=name)
     return value
+
+
+def refuse_tools(body: dict) -> None:
+    """This server's replies are text: a request that offers tools is refused, never answered as if they were not
+    there (an agent could not tell that no call will ever come). tool_choice "none" says not to call any."""
+    for name in ("tools", "functions"):
+        if body.get(name) and body.get("tool_choice" if name == "tools" else "function_call") != "none":
+            raise ApiError(400, f"{name} are not supported: this server's model answers in text only and never "
+                           f"calls a tool; leave out `{name}` (or set tool_choice to \"none\")", param=name,
+                           code="unsupported_parameter")
+
+
+def reply_format(body: dict) -> str | None:
+    """The grammar for `response_format`: None for text, any JSON object for json_object, the schema's grammar for
+    json_schema (OpenAI's {"type": "json_schema", "json_schema": {"name", "schema", "strict"}})."""
+    from ..runtime import json_grammar
+    fmt = body.get("response_format")
+    if fmt is None:
+        return None
+    kind = fmt.get("type") if isinstance(fmt, dict) else None
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return json_grammar(None)
+    if kind == "json_schema":
+        spec = fmt.get("json_schema")
+        if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict):
+            raise ApiError(400, "response_format.json_schema must be an object with a `schema` object",
+                           param="response_format")
+        try:
+            return json_grammar(spec.get("schema") or None)
+        except ValueError as e:
+            raise ApiError(400, f"response_format.json_schema: {e}", param="response_format") from None
+    raise ApiError(400, "response_format.type must be text, json_object or json_schema", param="response_format")
+
+
+def logprobs_option(body: dict) -> int | None:
+    """How many alternatives per token (`top_logprobs`) when `logprobs` is true; None when logprobs are off."""
+    from ..runtime import MAX_TOP_LOGPROBS
+    top = _number(body, "top_logprobs", int, 0, MAX_TOP_LOGPROBS)
+    if not body.get("logprobs"):
+        if top:
+            raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+        return None
+    return top or 0
+
+
+def logprobs_json(entries) -> dict:
+    """OpenAI's choice.logprobs: {"content": [{"token", "logprob", "bytes", "top_logprobs"}]}."""
+    def one(token: bytes, logprob: float) -> dict:
+        return {"token": token.decode("utf-8", "replace"), "logprob": round(logprob, 6), "bytes": list(token)}
+    return {"content": [{**one(e.token, e.logprob), "top_logprobs": [one(t, lp) for t, lp in e.top]}
+                        for e in entries], "refusal": None}
 
 
 def sentiment_json(s) -> dict:
@@ -98,18 +154,11 @@ def sentiment_json(s) -> dict:
             "probs": {k: round(float(v), 6) for k, v in s.probs.items()}, "source": s.source}
 
 
-def build_router(get_bot: Callable[[], Any], model_name: Callable[[], str], api_key: str | None = None,
-                 is_ready: Callable[[], bool] = lambda: True) -> APIRouter:
-    """The /v1 routes and /health. `get_bot()` returns the loaded AllInOne (or raises while it loads)."""
+def build_router(get_bot: Callable[[], Any], model_name: Callable[[], str],
+                 is_ready: Callable[[], bool] = lambda: True, max_classify_texts: int = 2048) -> APIRouter:
+    """The /v1 routes and /health. `get_bot()` returns the loaded AllInOne (or raises while it loads). The API key
+    and the body size bound are checked in front of every route (http_guard.Guard)."""
     router = APIRouter()
-
-    def check_key(request: Request) -> None:
-        if api_key is None:
-            return
-        given = request.headers.get("authorization", "")
-        if not secrets.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
-            raise ApiError(401, "missing or wrong API key (send Authorization: Bearer KEY)", "authentication_error",
-                           code="invalid_api_key")
 
     async def body_of(request: Request) -> dict:
         try:
@@ -128,7 +177,6 @@ def build_router(get_bot: Callable[[], Any], model_name: Callable[[], str], api_
     def guarded(handler):
         async def endpoint(request: Request):
             try:
-                check_key(request)
                 return await handler(request)
             except ApiError as e:
                 return e.response()
@@ -154,6 +202,10 @@ def build_router(get_bot: Callable[[], Any], model_name: Callable[[], str], api_
         texts = [texts] if single else texts
         if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
             raise ApiError(400, "input must be a string or a non-empty list of strings", param="input")
+        if len(texts) > max_classify_texts:
+            raise ApiError(400, f"input holds {len(texts)} texts, more than the {max_classify_texts} one request may "
+                           "carry (max_classify_texts); send them in several requests", param="input",
+                           code="too_many_inputs")
         labels = body.get("labels")
         bot = bot_or_503()
         results = await asyncio.to_thread(bot.classify_many, texts, labels)
@@ -169,11 +221,12 @@ def build_router(get_bot: Callable[[], Any], model_name: Callable[[], str], api_
         stop = [stop] if isinstance(stop, str) else stop
         if not isinstance(stop, list) or not all(isinstance(x, str) for x in stop) or len(stop) > 4:
             raise ApiError(400, "stop must be a string or a list of up to 4 strings", param="stop")
+        refuse_tools(body)
         max_tokens = _number(body, "max_completion_tokens", int, 1) or _number(body, "max_tokens", int, 1)
         options = dict(temperature=_number(body, "temperature", float, 0, 2), max_tokens=max_tokens,
                        seed=_number(body, "seed", int), top_p=_number(body, "top_p", float, 0, 1), stop=stop,
                        conversation=body.get("user") if isinstance(body.get("user"), str) else None,
-                       shorten=False)
+                       shorten=False, grammar=reply_format(body), logprobs=logprobs_option(body))
         if options["top_p"] == 0:
             options["top_p"] = 1e-6
         bot = bot_or_503()
@@ -183,7 +236,8 @@ def build_router(get_bot: Callable[[], Any], model_name: Callable[[], str], api_
         rid, created, model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), body.get("model") or model_name()
         if body.get("stream"):
             include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-            return StreamingResponse(_sse(request, stream, rid, created, model, sentiment, include_usage),
+            return StreamingResponse(_sse(request, stream, rid, created, model, sentiment, include_usage,
+                                          options["logprobs"] is not None),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         pieces = []
         try:
@@ -196,7 +250,8 @@ def build_router(get_bot: Callable[[], Any], model_name: Callable[[], str], api_
             stream.close()
         return {"id": rid, "object": "chat.completion", "created": created, "model": model,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(pieces)},
-                             "logprobs": None, "finish_reason": _finish(stream)}],
+                             "logprobs": logprobs_json(stream.logprobs()) if options["logprobs"] is not None
+                             else None, "finish_reason": _finish(stream)}],
                 "usage": _usage(stream), "sentiment": sentiment_json(sentiment)}
 
     router.add_api_route("/v1/models", guarded(models), methods=["GET"])
@@ -246,10 +301,19 @@ async def _next_or_disconnect(request: Request, stream) -> str | None:
             log.info("client went away: reply cancelled")
 
 
-async def _sse(request: Request, stream, rid: str, created: int, model: str, sentiment, include_usage: bool):
+async def _sse(request: Request, stream, rid: str, created: int, model: str, sentiment, include_usage: bool,
+               with_logprobs: bool = False):
+    sent = 0      # token log probabilities already sent
+
     def chunk(delta: dict, finish: str | None = None, **extra) -> str:
+        nonlocal sent
+        logprobs = None
+        if with_logprobs and "content" in delta:
+            entries = stream.logprobs(sent)
+            sent += len(entries)
+            logprobs = logprobs_json(entries)
         data = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-                "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}], **extra}
+                "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}], **extra}
         return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
     try:
         yield chunk({"role": "assistant", "content": ""}, sentiment=sentiment_json(sentiment))

@@ -43,9 +43,14 @@ class AppSettings:
         default=MODELS_DIR, metadata={"help": "folder whose *.gguf files the model menu offers"}
     )
     host: str = dataclasses.field(
-        default=DEFAULT_HOST, metadata={"help": "address to bind; anything but loopback exposes an app with no login"}
+        default=DEFAULT_HOST, metadata={"help": "address to bind; anything but loopback needs --api-key, or anyone "
+                                                 "who reaches the port can use the model"}
     )
     port: int = dataclasses.field(default=DEFAULT_PORT, metadata={"help": "TCP port"})
+    max_body_bytes: int = dataclasses.field(default=4 << 20, metadata={
+        "help": "largest HTTP request body accepted, in bytes (HTTP 413 beyond, before anything is parsed)"})
+    max_classify_texts: int = dataclasses.field(default=2048, metadata={
+        "help": "most texts in one /v1/classify request (HTTP 400 beyond)"})
     temperature_range: tuple[float, float] = (0.0, 1.5)  # slider bounds; the default comes from Settings
     max_tokens_range: tuple[int, int] = (16, 512)  # slider bounds, in new tokens
 
