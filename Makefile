@@ -51,7 +51,7 @@ SYSTEM_PACKAGES := chromium fonts-noto-cjk
 PROXY_TOOL ?= ../shared/tools/proxy-model.sh
 PYTEST_ARGS ?=
 
-.PHONY: help setup models run test system-packages bench bench-baseline bench-ray bench-adapter clean reference-env ray-env tune tune-env
+.PHONY: help setup models run test system-packages bench bench-baseline bench-ray bench-api bench-adapter clean reference-env ray-env tune tune-env
 
 help:
 	@echo "make setup                 virtual env in $(VENV) with the pinned dependencies (builds llama-cpp-python, ~6 min the first time)"
@@ -66,6 +66,7 @@ help:
 	@echo "make reference-env         optional: $(REF_VENV) with torch + transformers for the reference-converter test"
 	@echo "make ray-env               optional: Ray (the ray extra) in $(VENV), for classify --engine ray and tests/test_ray.py"
 	@echo "make bench-ray [MODEL=x]   texts/s of classify, local vs Ray (1 actor x 2 threads, 2 x 1) on 2,000 texts"
+	@echo "make bench-api [MODEL=x]   the app as a server: 413/400 bounds, a chat's first token during a 2,000-text classify, json_schema replies"
 	@echo "make clean                 remove built models and caches (keeps the virtual env)"
 
 setup: $(VENV)/.installed
@@ -133,6 +134,12 @@ $(VENV)/.ray-installed: $(VENV)/.installed pyproject.toml
 bench-ray: ray-env
 	@model="$(if $(filter command line environment,$(origin MODEL)),$(MODEL),$$(bash $(PROXY_TOOL) | tail -n 1))"; \
 	$(PYTHON) -m allinone_gguf.measure.bench_ray --model "$$model"
+
+# The app as a network server (bounds, a chat's first token during a 2,000-text classify, json_schema replies);
+# MODEL defaults to the real 0.5B stand-in (a coder model) made by PROXY_TOOL.
+bench-api: setup
+	@model="$(if $(filter command line environment,$(origin MODEL)),$(MODEL),$$(bash $(PROXY_TOOL) | tail -n 1))"; \
+	$(PYTHON) -m allinone_gguf.measure.bench_api "$$model"
 
 reference-env: $(REF_VENV)/.installed
 
