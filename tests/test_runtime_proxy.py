@@ -100,3 +100,21 @@ def test_replies_do_not_echo_the_sentiment_cue(bot):
         if CUE_ECHO.search(reply) or s.label in reply:
             echoes.append(reply)
     assert len(echoes) <= 1, echoes
+
+
+def test_json_schema_replies_parse_and_validate_on_the_real_model(bot):
+    """Structured outputs (response_format json_schema on the API): the schema's grammar keeps a real model's
+    reply inside it, so every reply that ends parses and has the schema's fields and types."""
+    import json
+
+    from allinone_gguf.runtime import json_grammar
+    schema = {"type": "object", "additionalProperties": False, "required": ["sentiment", "urgent"],
+              "properties": {"sentiment": {"enum": ["positive", "negative"]}, "urgent": {"type": "boolean"}}}
+    grammar = json_grammar(schema)
+    for seed, (text, gold) in enumerate(CLEAR[:5] + CLEAR[5:8]):
+        with bot.stream_reply(text, grammar=grammar, max_tokens=64, seed=seed) as stream:
+            reply = "".join(stream)
+        assert stream.finish_reason == "stop", reply
+        value = json.loads(reply)
+        assert set(value) == {"sentiment", "urgent"} and isinstance(value["urgent"], bool), reply
+        assert value["sentiment"] in ("positive", "negative")
