@@ -351,25 +351,34 @@ def test_resume_after_a_killed_run_loses_and_duplicates_nothing(model, tmp_path,
     n = 400
     texts = [f"第{i}号评论：" + ("这家店的菜很好吃，服务也周到。" if i % 2 else "等了两个小时，菜都凉了。") * 3
              for i in range(n)]
-    src = tmp_path / "in.csv"
-    with open(src, "w", encoding="utf-8", newline="") as f:
-        csv.writer(f).writerows([["text"], *([t] for t in texts)])
+    lines = io.StringIO()
+    csv.writer(lines).writerows([["text"], *([t] for t in texts)])
+    lines = lines.getvalue().splitlines(keepends=True)
     out = tmp_path / "out.csv"
     work = out.with_name("out.csv.part") if sort == "priority" else out
-    proc = subprocess.Popen([sys.executable, "-m", "allinone_gguf", "classify", str(src), "-o", str(out), "-q",
-                             "--sort", sort, "--model", str(model), "--n-threads", "1"], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        if work.exists() and work.read_bytes().count(b"\n") >= 6:
-            break
-        time.sleep(0.005)
-    assert proc.poll() is None, "the run ended before it could be killed: " + proc.stderr.read().decode()
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    # The first 40 rows come through a pipe that stays open: the run writes what it can, then waits for more
+    # input, so the kill lands mid-run however fast the machine is.
+    proc = subprocess.Popen([sys.executable, "-m", "allinone_gguf", "classify", "-", "--format", "csv", "-o", str(out),
+                             "-q", "--sort", sort, "--model", str(model), "--n-threads", "1"], cwd=ROOT,
+                            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        proc.stdin.write("".join(lines[:41]).encode("utf-8"))
+        proc.stdin.flush()
+        deadline = time.time() + 120        # two groups written and flushed: the event to wait on
+        while time.time() < deadline and proc.poll() is None:
+            if work.exists() and work.read_bytes().count(b"\n") >= 1 + 2 * BRANCHES:
+                break
+            time.sleep(0.01)
+        assert proc.poll() is None, "the run ended before it could be killed: " + proc.stderr.read().decode()
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    finally:
+        proc.kill()
     data = work.read_bytes()
     before = list(csv.DictReader(io.StringIO(data[:data.rfind(b"\n") + 1].decode("utf-8"), newline="")))
-    assert 0 < len(before) < n
+    src = tmp_path / "in.csv"
+    src.write_text("".join(lines), encoding="utf-8")
+    assert len(before) == 2 * BRANCHES
     r = run("classify", src, "-o", out, "--resume", "--sort", sort, "--model", model, "--n-threads", 1, "-q")
     assert r.returncode == 0, r.stderr
     assert f"{len(before)} rows kept from the earlier run" in r.stdout
