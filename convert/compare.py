@@ -2,7 +2,9 @@
 
     python -m convert.compare ours-F16.gguf reference-F16.gguf
 
-Used by the reference-equivalence test and by hand; exits 1 when the files differ.
+Used by the reference-equivalence test and by hand; exits 1 when the files differ. Our converter writes one
+key the reference does not (OUR_KEYS: the weights' identity a sentiment adapter is bound to); the comparison
+expects it in our file alone, and everything else identical.
 """
 from __future__ import annotations
 
@@ -12,6 +14,10 @@ import sys
 import gguf
 import numpy as np
 
+from allinone_gguf.runtime.adapter import WEIGHTS_KEY
+
+# Written by our converter only (convert/hf_to_gguf.py), never by llama.cpp's.
+OUR_KEYS = (WEIGHTS_KEY,)
 # general.* keys describe provenance (names from the model card, the converter's own version), not the model.
 PROVENANCE_PREFIX = "general."
 
@@ -36,14 +42,20 @@ def tensors(reader: gguf.GGUFReader) -> dict[str, tuple[tuple[int, ...], str, st
     return out
 
 
-def differences(ours: str, reference: str, include_general: bool = False) -> list[str]:
+def differences(ours: str, reference: str, include_general: bool = False,
+                ours_only: tuple[str, ...] = ()) -> list[str]:
+    """Every difference; the `ours_only` keys must be in `ours` and not in `reference` (OUR_KEYS when `ours` is
+    our converter's F16 and `reference` llama.cpp's)."""
     a, b = gguf.GGUFReader(ours), gguf.GGUFReader(reference)
     diffs = []
     ma, mb = metadata(a), metadata(b)
-    for key in sorted(set(ma) | set(mb)):
+    for key in sorted(set(ma) | set(mb) | set(ours_only)):
         if key.startswith(PROVENANCE_PREFIX) and not include_general:
             continue
-        if key not in ma:
+        if key in ours_only:
+            if key not in ma or key in mb:
+                diffs.append(f"metadata {key}: should be in ours alone (ours: {key in ma}, reference: {key in mb})")
+        elif key not in ma:
             diffs.append(f"metadata {key}: only in reference")
         elif key not in mb:
             diffs.append(f"metadata {key}: only in ours")
@@ -64,7 +76,7 @@ def main(argv: list[str]) -> int:
     if len(argv) != 2:
         print(__doc__.strip().splitlines()[2].strip(), file=sys.stderr)
         return 2
-    diffs = differences(*argv, include_general=True)
+    diffs = differences(*argv, include_general=True, ours_only=OUR_KEYS)
     for d in diffs:
         print(d)
     print("identical" if not diffs else f"{len(diffs)} differences")

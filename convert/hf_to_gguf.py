@@ -11,6 +11,10 @@ tokenizer metadata. `Qwen2ForCausalLM` checkouts become GGUF architecture `qwen2
 `attn_k_norm`, an explicit `head_dim` -> `key_length`/`value_length`). Only numpy and the `gguf` package are
 used. Memory stays flat in the model's size: the GGUF header is written from the safetensors headers alone, then each tensor is streamed through in row chunks.
 The file is written to `<out>.tmp` and renamed at the end, so a failed run leaves no half-written GGUF.
+
+One key is ours and not the reference's: WEIGHTS_KEY (allinone_gguf/runtime/adapter.py), the sha256 of the
+checkout's safetensors files, which llama.cpp's quantizer copies into every quantization: the identity a
+sentiment adapter is bound to (convert/compare.py names it as the one expected difference).
 """
 from __future__ import annotations
 
@@ -22,6 +26,8 @@ from typing import Callable
 
 import gguf
 import numpy as np
+
+from allinone_gguf.runtime.adapter import WEIGHTS_KEY, file_sha256, weights_digest
 
 from .safetensors_np import CheckpointError, TensorRef, checkpoint_tensors
 from .tokenizer import add_vocab_to_gguf, read_vocab
@@ -180,8 +186,10 @@ def write_gguf(writer: gguf.GGUFWriter, out: Path, tensors: list[Callable], tota
 
 
 def convert_hf_to_gguf(checkout: Path, out: Path, outtype: str = "F16",
-                       progress: Callable[[int, int], None] | None = None) -> Path:
-    """Write `out` from the checkout; `progress(done_bytes, total_bytes)` is called after each tensor."""
+                       progress: Callable[[int, int], None] | None = None,
+                       known_sha256: dict[str, str] | None = None) -> Path:
+    """Write `out` from the checkout; `progress(done_bytes, total_bytes)` is called after each tensor.
+    `known_sha256` ({file name: sha256}, e.g. `make models`' manifest) spares hashing the weight files again."""
     if outtype not in OUTTYPES:
         raise ValueError(f"outtype {outtype!r}: choose one of {', '.join(OUTTYPES)}")
     checkout = Path(checkout)
@@ -206,10 +214,13 @@ def convert_hf_to_gguf(checkout: Path, out: Path, outtype: str = "F16",
                                t.n_elements * itemsize, raw_dtype=qtype)
         plan.append((t, qtype))
 
-    # Metadata in the reference's order: general.type, general.* from the model card, hparams,
-    # quantization version, then the tokenizer.
+    # Metadata in the reference's order: general.type, general.* from the model card, (our weights key, early so
+    # the runtime reads it without walking the tokenizer's arrays,) hparams, quantization version, the tokenizer.
     writer.add_type(gguf.GGUFType.MODEL)
     add_general_metadata(writer, checkout, checkout.name)
+    known = known_sha256 or {}
+    writer.add_string(WEIGHTS_KEY, weights_digest({p.name: known.get(p.name) or file_sha256(p)
+                                                   for p in {t.path for t in tensors}}))
     _add_hparams(writer, config, n_layers, OUTTYPES[outtype])
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     add_vocab_to_gguf(writer, vocab)

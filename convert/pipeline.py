@@ -9,13 +9,14 @@ changed output is rebuilt alone.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
 from importlib import metadata as pkg_metadata
 from pathlib import Path
 from typing import Callable
+
+from allinone_gguf.runtime.adapter import file_sha256
 
 from .download import NEEDED_FILES, Source, resolve
 from .hf_to_gguf import convert_hf_to_gguf
@@ -25,14 +26,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_TYPES = ("F16", *QUANT_TYPES)   # the converter's F16, then each quantizer type
 MANIFEST = "manifest.json"
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 24):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _tool_versions() -> dict[str, str]:
@@ -61,7 +54,7 @@ def _fingerprint(checkout: Path, previous: dict) -> list[dict]:
         if old and old["bytes"] == st.st_size and old["mtime_ns"] == st.st_mtime_ns:
             out.append(old)
         else:
-            out.append({"file": p.name, "bytes": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": _sha256(p)})
+            out.append({"file": p.name, "bytes": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": file_sha256(p)})
     return out
 
 
@@ -100,8 +93,9 @@ def build_models(src: str, out_root: Path, types: tuple[str, ...] = DEFAULT_TYPE
     needs_f16 = any(not up_to_date(t) for t in types)   # quantizing needs the F16 file
     if needs_f16 and not up_to_date("F16"):
         start = time.perf_counter()
-        convert_hf_to_gguf(source.checkout, f16, "F16", progress=bar and bar(f"convert  {f16.name}", 0, "B"))
-        outputs["F16"] = {"file": f16.name, "bytes": f16.stat().st_size, "sha256": _sha256(f16),
+        convert_hf_to_gguf(source.checkout, f16, "F16", progress=bar and bar(f"convert  {f16.name}", 0, "B"),
+                           known_sha256={i["file"]: i["sha256"] for i in inputs})
+        outputs["F16"] = {"file": f16.name, "bytes": f16.stat().st_size, "sha256": file_sha256(f16),
                           "seconds": round(time.perf_counter() - start, 2)}
         outputs = {"F16": outputs["F16"]}   # older quantizations came from an older F16
     for qtype in types:
@@ -110,7 +104,7 @@ def build_models(src: str, out_root: Path, types: tuple[str, ...] = DEFAULT_TYPE
         dst = folder / f"{source.name}-{qtype}.gguf"
         start = time.perf_counter()
         quantize_gguf(f16, dst, qtype, n_threads, progress=bar and bar(f"quantize {dst.name}", 0, "tensor"))
-        outputs[qtype] = {"file": dst.name, "bytes": dst.stat().st_size, "sha256": _sha256(dst),
+        outputs[qtype] = {"file": dst.name, "bytes": dst.stat().st_size, "sha256": file_sha256(dst),
                           "seconds": round(time.perf_counter() - start, 2)}
     if "F16" not in types and f16.is_file():
         f16.unlink()

@@ -21,14 +21,17 @@ import pytest
 
 from allinone_gguf.measure.evaluate import INJECTION
 from allinone_gguf.runtime import AdapterError, AllInOne
-from allinone_gguf.runtime.adapter import adapter_files, file_sha256, write_metadata
+from allinone_gguf.runtime import adapter as adapter_module
+from allinone_gguf.runtime.adapter import (WEIGHTS_KEY, adapter_files, file_sha256, model_family, weights_digest,
+                                           weights_identity, write_metadata)
 from allinone_gguf.tune.data import TRAIN_INJECTIONS, build_examples, inject
 from allinone_gguf.tune.run import fit_temperature
-from conftest import CACHE, REQUIRE_PROXY, ROOT, run_convert
+from conftest import CACHE, QUANTS, REQUIRE_PROXY, ROOT, run_convert
 from convert.compare import differences
 from convert.reference_files import reference_lora_converter
 from test_reference_converter import REFERENCE_PYTHON
 from tinylora import build_adapter
+from tinymodel import build_checkout
 
 TUNE_PYTHON = Path(os.environ.get("ALLINONE_TUNE_PYTHON", ROOT / ".venv-tune/bin/python"))
 TRAINER = ROOT / "allinone_gguf/tune/train_lora.py"
@@ -69,7 +72,8 @@ def install_adapter(model: Path, checkout: Path, tmp_path: Path, *, temperature:
     assert r.returncode == 0, r.stderr
     with AllInOne(model, sentiment_adapter="off", sentiment_prompt="guide", parallel=1, n_ctx=1024) as bot:
         _, _, digest = bot.sentiment_inputs(["x"])
-    write_metadata(meta_path, {"base_file": model.name, "base_sha256": file_sha256(model), "labels": "zh",
+    write_metadata(meta_path, {"base_weights": weights_identity(model), "base_file": model.name,
+                               "base_sha256": file_sha256(model), "labels": "zh",
                                "label_set": ["正面", "负面"], "prompt": "guide", "frame_sha256": digest,
                                "temperature": temperature, **meta})
     return gguf
@@ -152,22 +156,107 @@ def test_off_ignores_the_adapter_and_auto_without_one_is_the_grammar(model, tiny
         assert bot.classify("good").source == "grammar" and bot.classify("好", labels="zh").source == "adapter"
 
 
-def test_adapter_for_another_model_file_or_frame_is_refused(model, tiny_checkout, tiny_models, tmp_path):
-    gguf = install_adapter(model, tiny_checkout, tmp_path, base_sha256="0" * 64)
-    with pytest.raises(AdapterError, match="was made for tiny-Q8_0.gguf"):
+def test_adapter_for_other_weights_or_another_frame_is_refused(model, tiny_checkout, tiny_models, tmp_path):
+    gguf = install_adapter(model, tiny_checkout, tmp_path, base_weights="checkout:" + "0" * 64)
+    with pytest.raises(AdapterError, match=r"was made for other weights \(tiny-Q8_0.gguf: checkout:000"):
         AllInOne(model, n_ctx=1024).classify("好")
-    # the same adapter named explicitly for another model file (the F16 one): refused too
     meta = json.loads(adapter_files(model)[1].read_text(encoding="utf-8"))
     write_metadata(adapter_files(model)[1], {**{k: v for k, v in meta.items() if k != "format"},
-                                             "base_sha256": file_sha256(model), "frame_sha256": "1" * 64})
+                                             "base_weights": weights_identity(model), "frame_sha256": "1" * 64})
     with pytest.raises(AdapterError, match="another prompt frame"):
         AllInOne(model, n_ctx=1024).classify("好")
-    with pytest.raises(AdapterError, match="made for"):
+    # the same adapter named explicitly for the F16 of the same weights: the weights pass, the frame does not
+    with pytest.raises(AdapterError, match="another prompt frame"):
         AllInOne(tiny_models["F16"], n_ctx=1024, sentiment_adapter=str(gguf)).classify("好")
     # and a user of the CLI gets one line, not a traceback
     r = subprocess.run([sys.executable, "-m", "allinone_gguf", "classify", "-", "--model", str(model)],
                        input="好\n", capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert r.returncode != 0 and "Traceback" not in r.stderr and "prompt frame" in r.stderr, r.stderr
+
+
+# -- one adapter for every quantization of the same weights ---------------------------------------------------------
+@pytest.fixture()
+def family(tiny_models, tmp_path) -> dict[str, Path]:
+    """Private copies of the tiny model's F16, Q8_0 and Q4_K_M in one folder, as `make models` lays them out."""
+    folder = tmp_path / "tiny"
+    folder.mkdir()
+    return {q: shutil.copy(tiny_models[q], folder / f"tiny-{q}.gguf") for q in QUANTS}
+
+
+def other_checkout_f16(vocab_dir: Path, tmp_path: Path) -> Path:
+    """The F16 of a second tiny checkout: same shapes and tokenizer, other (seeded) weights."""
+    checkout = build_checkout(vocab_dir, tmp_path / "hf" / "other", seed=7)
+    out = tmp_path / "other" / "other-F16.gguf"
+    r = run_convert("to-gguf", str(checkout), str(out))
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+@pytest.mark.parametrize("name, expected", [("m-Q4_K_M.gguf", "m"), ("tiny-qwen1.5-F16.gguf", "tiny-qwen1.5"),
+                                            ("qwen2.5-0.5b-instruct-q8_0.gguf", "qwen2.5-0.5b-instruct"),
+                                            ("Qwen3-0.6B-BF16.gguf", "Qwen3-0.6B"), ("x.IQ4_XS.gguf", "x"),
+                                            ("model.gguf", "model"), ("Qwen1.5-0.5B-Chat.gguf", "Qwen1.5-0.5B-Chat")])
+def test_model_family_drops_the_quantization_suffix_only(name, expected):
+    assert model_family(Path("models") / name) == expected
+
+
+def test_every_quantization_carries_the_checkouts_weights_identity(tiny_models, tiny_checkout, vocab_dir, tmp_path):
+    expected = "checkout:" + weights_digest({"model.safetensors": file_sha256(tiny_checkout / "model.safetensors")})
+    assert {q: weights_identity(tiny_models[q]) for q in QUANTS} == {q: expected for q in QUANTS}
+    other = other_checkout_f16(vocab_dir, tmp_path)
+    assert weights_identity(other).startswith("checkout:") and weights_identity(other) != expected
+    # a GGUF without our key (another tool's): the quantization-proof tensors stand in, the same for every
+    # quantization, another for other weights (the key renamed in place keeps every offset)
+    keyless = {}
+    for q, path in [*tiny_models.items(), ("other", other)]:
+        keyless[q] = tmp_path / f"keyless-{q}.gguf"
+        keyless[q].write_bytes(path.read_bytes().replace(WEIGHTS_KEY.encode(), b"x" * len(WEIGHTS_KEY), 1))
+    ids = {q: weights_identity(p) for q, p in keyless.items()}
+    assert ids["F16"] == ids["Q8_0"] == ids["Q4_K_M"] != ids["other"] and ids["F16"].startswith("tensors:")
+
+
+def test_one_adapter_serves_every_quantization_without_hashing_the_model(family, tiny_checkout, tmp_path,
+                                                                        monkeypatch):
+    gguf = install_adapter(family["Q4_K_M"], tiny_checkout, tmp_path, temperature=2.0)
+    assert gguf.name == "tiny.sentiment-lora.gguf" and gguf.parent == family["F16"].parent
+
+    def no_hash(path):
+        raise AssertionError(f"{path} hashed at start")
+    monkeypatch.setattr(adapter_module, "file_sha256", no_hash)
+    for q, path in family.items():
+        with AllInOne(path, n_ctx=1024) as bot:         # auto: the family's adapter
+            assert bot.sentiment_adapter.path == gguf, q
+            found = bot.classify_many([t for _, t in TEXTS])
+        assert {s.source for s in found} == {"adapter"} and {s.label for s in found} <= set(bot.label_set()), q
+
+
+def test_adapter_from_other_weights_is_refused_in_one_line(family, tiny_checkout, vocab_dir, tmp_path):
+    gguf = install_adapter(family["Q8_0"], tiny_checkout, tmp_path)
+    other = other_checkout_f16(vocab_dir, tmp_path)
+    with pytest.raises(AdapterError, match=r"made for other weights \(tiny-Q8_0.gguf: checkout:.*than other-F16"):
+        AllInOne(other, n_ctx=1024, sentiment_adapter=str(gguf)).classify("好")
+    for f in adapter_files(family["Q8_0"]):                     # found by auto beside the other model: refused
+        shutil.copy(f, adapter_files(other)[0].with_suffix(f.suffix))
+    r = subprocess.run([sys.executable, "-m", "allinone_gguf", "classify", "-", "--model", str(other)],
+                       input="好\n", capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode != 0 and "Traceback" not in r.stderr and "made for other weights" in r.stderr, r.stderr
+
+
+def test_older_adapters_keep_their_name_and_their_one_file(family, tiny_checkout, tmp_path):
+    """Metadata from before the weights' identity (base_sha256 only), under the older <model>.sentiment-lora name:
+    found and accepted for the file it was made for (hashed, as before), refused by its siblings with a hint."""
+    gguf = install_adapter(family["Q8_0"], tiny_checkout, tmp_path)
+    old_gguf, old_meta = adapter_files(family["Q8_0"], family=False)
+    meta = json.loads(adapter_files(family["Q8_0"])[1].read_text(encoding="utf-8"))
+    write_metadata(old_meta, {k: v for k, v in meta.items() if k not in ("format", "base_weights")})
+    gguf.rename(old_gguf)
+    adapter_files(family["Q8_0"])[1].unlink()
+    with AllInOne(family["Q8_0"], n_ctx=1024) as bot:
+        assert bot.sentiment_adapter.path == old_gguf and bot.classify("好").source == "adapter"
+    with AllInOne(family["F16"], n_ctx=1024) as bot:             # auto finds no adapter of its own
+        assert bot.sentiment_adapter is None
+    with pytest.raises(AdapterError, match="made for the file tiny-Q8_0.gguf alone.*tune it again"):
+        AllInOne(family["F16"], n_ctx=1024, sentiment_adapter=str(old_gguf)).classify("好")
 
 
 # -- training -----------------------------------------------------------------------------------------------------
@@ -213,6 +302,7 @@ def test_tune_end_to_end_writes_an_adapter_the_runtime_uses(tuned):
     gguf, _ = adapter_files(model)
     assert seconds < 120, seconds            # "in seconds" on the tiny model (generous for a loaded machine)
     assert meta["base_sha256"] == file_sha256(model) and meta["prompt"] == "guide" and meta["labels"] == "zh"
+    assert meta["base_weights"] == weights_identity(model) and gguf.name == "tiny.sentiment-lora.gguf"
     assert meta["adapter_sha256"] == file_sha256(gguf) and meta["temperature"] > 0
     assert meta["training"]["files"][0]["sha256"] == file_sha256(tmp / "train.csv")
     files = meta["training"]["files"]

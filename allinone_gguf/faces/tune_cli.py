@@ -9,11 +9,12 @@ from ..tune.config import TuneSettings
 from .flags import add_dataclass_arguments, overrides
 
 EPILOG = """
-Writes <model>.sentiment-lora.gguf and <model>.sentiment-lora.json beside MODEL; the app, the CLI, bench and
-evaluate then use the adapter for the sentiment role (--sentiment-adapter off to compare). Needs the tuning
-environment (`make tune-env`: torch + peft in .venv-tune) and the Hugging Face checkout MODEL was converted from
-(found through the manifest `make models` writes, or --hf). Train on ../shared/data/sentiment/train/ only and
-choose settings on the dev200 files (--dev). Ctrl-C stops training and keeps the best checkpoint so far.
+Writes <family>.sentiment-lora.gguf and .json beside MODEL (<family>: its name without -Q4_K_M etc.); the app,
+the CLI, bench and evaluate then use the adapter for the sentiment role with every quantization of the same
+weights (--sentiment-adapter off to compare). Needs the tuning environment (`make tune-env`: torch + peft in
+.venv-tune) and the Hugging Face checkout MODEL was converted from (found through the manifest `make models`
+writes, or --hf). Train on ../shared/data/sentiment/train/ only and choose settings on the dev200 files (--dev).
+Ctrl-C stops training and keeps the best checkpoint so far.
 
 example:
   python -m allinone_gguf tune models/qwen-proxy-0.5b-chat-hf/qwen-proxy-0.5b-chat-hf-Q4_K_M.gguf \\

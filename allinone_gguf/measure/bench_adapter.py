@@ -2,8 +2,8 @@
 
     python -m allinone_gguf.measure.bench_adapter MODEL.gguf --data a.dev200.csv b.dev200.csv [--threads 2]
 
-MODEL needs <model>.sentiment-lora.gguf beside it (`make tune`). Each path runs in a fresh process (so RSS is
-its own): the model with the adapter (`sentiment_adapter="auto"`) and without (`"off"`, the shipped prompt).
+MODEL needs its adapter beside it (`make tune`: <family>.sentiment-lora.gguf). Each path runs in a fresh process
+(so RSS is its own): the model with the adapter (`sentiment_adapter="auto"`) and without (`"off"`, the shipped prompt).
 Per path: RSS after load and at the end, classify latency of single texts (the bench's short/medium/long
 samples, p50/p95), and per data file accuracy, per-class recall, expected calibration error and the share of
 labels an appended injection flips (evaluate.INJECTION, a template the training never used). Ratios (adapter /
@@ -98,7 +98,7 @@ def render(report: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m allinone_gguf.measure.bench_adapter",
                                 description=__doc__.split("\n\n")[0])
-    p.add_argument("model", help="GGUF model with <model>.sentiment-lora.gguf beside it")
+    p.add_argument("model", help="GGUF model with <family>.sentiment-lora.gguf beside it")
     p.add_argument("--data", nargs="+", default=[], metavar="CSV", help="labelled files (label,text)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--limit", type=int, default=None, help="only the first N rows of each file")
@@ -108,8 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     if a.worker:
         print(json.dumps(measure(a.model, a.worker, a.data, a.threads, a.limit)))
         return 0
-    from ..runtime.adapter import adapter_files
-    if not adapter_files(a.model)[0].is_file():
+    from ..runtime.adapter import adapter_files, find_adapter
+    if find_adapter(a.model, "auto") is None:
         print(f"error: no {adapter_files(a.model)[0].name} beside the model; `make tune` makes it", file=sys.stderr)
         return 2
     paths = {}

@@ -19,7 +19,7 @@ import logging
 from pathlib import Path
 from typing import Sequence
 
-from .adapter import AdapterError, AdapterInfo, check_base, file_sha256, find_adapter, frame_digest
+from .adapter import AdapterError, AdapterInfo, check_base, find_adapter, frame_digest
 from .backend import Backend
 from .chat import ChatTemplate, Turn, shared_turns, window_start
 from .config import Settings
@@ -82,7 +82,7 @@ class AllInOne:
         s = self.settings
         adapter = find_adapter(self.model_path, s.sentiment_adapter)
         if adapter is not None:
-            check_base(adapter, self.model_path, file_sha256(self.model_path))
+            check_base(adapter, self.model_path)
         b = self.backend_class(self.model_path, n_ctx=s.n_ctx, n_threads=s.n_threads,
                                n_seq=1 + BRANCHES + s.parallel)
         try:

@@ -4,9 +4,11 @@ Steps (this process never imports torch):
 1. the training texts (data.py) are put in the runtime's own sentiment frame by `AllInOne.sentiment_inputs`
    and written as token ids (inputs.jsonl), so training sees exactly what classify decodes;
 2. train_lora.py trains a PEFT LoRA on the Hugging Face checkout the GGUF came from, in .venv-tune (torch);
-3. our torch-free converter (convert/lora_to_gguf.py) writes <model>.sentiment-lora.gguf;
+3. our torch-free converter (convert/lora_to_gguf.py) writes <family>.sentiment-lora.gguf beside the model
+   (the model's name without its -<quant> suffix: one adapter for every quantization of the same weights);
 4. the runtime, with the adapter, reads the held-back texts: the confidence's temperature is fitted on them;
-5. the dev files are classified with the adapter; everything lands in <model>.sentiment-lora.json. (The
+5. the dev files are classified with the adapter; everything lands in <family>.sentiment-lora.json, with the
+   weights' identity (runtime/adapter.py `weights_identity`) the runtime checks. (The
    grammar path beside it: `make bench-adapter` or `evaluate --compare`.)
 """
 from __future__ import annotations
@@ -20,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from ..runtime.adapter import adapter_files, file_sha256, write_metadata
+from ..runtime.adapter import adapter_files, file_sha256, weights_identity, write_metadata
 from ..runtime.prompts import LABEL_SETS, SENTIMENT_PROMPTS
 from .config import TuneSettings
 from .data import build_examples, read_labelled
@@ -169,7 +171,8 @@ def tune(model: str | Path, data: list[str], *, hf: str | None = None, dev: list
     # 3. conversion (torch-free, byte-identical to llama.cpp's converter)
     convert_lora_to_gguf(peft_dir, checkout, out_gguf, "F16")
     meta = {
-        "base_file": model.name, "base_sha256": file_sha256(model), "checkout": str(checkout),
+        "base_weights": weights_identity(model), "base_file": model.name, "base_sha256": file_sha256(model),
+        "checkout": str(checkout),
         "labels": s.labels, "label_set": list(LABEL_SETS[s.labels]), "prompt": s.prompt, "frame_sha256": digest,
         "temperature": 1.0, "adapter_bytes": out_gguf.stat().st_size, "adapter_sha256": file_sha256(out_gguf),
         "training": {"settings": dataclasses.asdict(s), "files": record, "seconds": train_log["seconds"],
