@@ -169,8 +169,10 @@ def answer(slot: ModelSlot, session: Session, mood: list, lang: str, temperature
 
 def _turn(slot, session, text, history, mood, lang, temperature, max_tokens):
     bot = slot.bot
-    try:
-        sentiment = bot.classify(text, labels=lang)
+    try:       # the label and the reply's prompt are decoded together; the badge shows once the label is read
+        stream = bot.respond(text, history=history, labels=lang, temperature=float(temperature),
+                             max_tokens=int(max_tokens), conversation=session.conversation)
+        sentiment = stream.sentiment()
     except (ValueError, TypeError, ModelLoadError, QueueFull) as e:
         session.chat.pop()
         raise gr.Error(str(e)) from e
@@ -179,8 +181,6 @@ def _turn(slot, session, text, history, mood, lang, temperature, max_tokens):
     session.chat.append({"role": "assistant", "content": line})
     yield session.shown(), mood, mood_svg(mood), session.status(REPLYING)
     reply, last = "", float("-inf")  # the first piece shows at once
-    stream = bot.stream_reply(text, history=history, sentiment=sentiment, temperature=float(temperature),
-                              max_tokens=int(max_tokens), conversation=session.conversation)
     try:
         with closing(stream):
             for piece in stream:
@@ -240,11 +240,10 @@ def build_app(slot: ModelSlot) -> gr.Blocks:
                 temperature: float = s.temperature, max_tokens: int = s.max_tokens,
                 seed: int | None = None) -> tuple[str, float, str]:
         """(label, confidence, full reply) for `text` after `history` ([{"role", "content"}], oldest first)."""
-        bot = slot.bot
         try:
-            sentiment = bot.classify(text, labels=labels)
-            reply = bot.reply(text, history=history or [], sentiment=sentiment, temperature=temperature,
-                              max_tokens=max_tokens, seed=seed)
+            with slot.bot.respond(text, history=history or [], labels=labels, temperature=temperature,
+                                  max_tokens=max_tokens, seed=seed) as stream:
+                sentiment, reply = stream.sentiment(), "".join(stream)
         except (ValueError, TypeError, ModelLoadError, QueueFull) as e:
             raise gr.Error(str(e)) from e
         return sentiment.label, float(sentiment.confidence), reply

@@ -19,7 +19,7 @@ class FakeSentiment:
 
 @dataclass
 class FakeBot:
-    """Records loads, calls and closes; stream_reply yields `pieces` and notes when it was closed."""
+    """Records loads, calls and closes; respond's stream yields `pieces` and notes when it was closed."""
     model_path: object
     settings: object = None
     pieces: tuple = ("你", "好", "呀", "！")
@@ -40,14 +40,31 @@ class FakeBot:
         pos, neg = self.label_set(labels)
         return FakeSentiment(neg, 0.75, {pos: 0.25, neg: 0.75}, True)
 
-    def stream_reply(self, text, history=None, sentiment=None, temperature=None, max_tokens=None, seed=None,
-                     conversation=None):
+    def respond(self, text, history=None, labels=None, temperature=None, max_tokens=None, seed=None,
+                conversation=None):
+        sentiment = self.classify(text, labels)
         self.calls.append(dict(text=text, history=history, temperature=temperature, max_tokens=max_tokens,
                                conversation=conversation))
-        try:
-            yield from self.pieces
-        finally:
-            self.stream_closed = True
+        bot = self
+
+        class Stream:
+            pieces = iter(self.pieces)
+
+            def sentiment(self):
+                return sentiment
+
+            def __iter__(self):
+                return self.pieces
+
+            def close(self):
+                bot.stream_closed = True
+
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc):
+                self.close()
+        return Stream()
 
     def close(self):
         self.closed = True

@@ -192,22 +192,33 @@ class FakeBot:
     def __init__(self, replies):
         self.replies, self.histories, self.closed_streams = list(replies), [], 0
 
-    def classify(self, text):
-        return FakeSentiment("负面" if "难过" in text else "正面")
-
-    def stream_reply(self, text, history=None, sentiment=None):
+    def respond(self, text, history=None):
         self.histories.append([dict(m) for m in history])
         pieces = self.replies.pop(0)
+        bot = self
 
-        def gen():
-            try:
-                for p in pieces:
-                    if p is KeyboardInterrupt:
-                        raise KeyboardInterrupt
-                    yield p
-            finally:
-                self.closed_streams += 1
-        return gen()
+        class Stream:
+            def __init__(self):
+                self.closed = False
+                self.pieces = iter(pieces)
+
+            def sentiment(self):
+                return FakeSentiment("负面" if "难过" in text else "正面")
+
+            def __iter__(self):
+                return self
+
+            def __next__(self):
+                p = next(self.pieces)
+                if p is KeyboardInterrupt:
+                    raise KeyboardInterrupt
+                return p
+
+            def close(self):
+                if not self.closed:
+                    self.closed = True
+                    bot.closed_streams += 1
+        return Stream()
 
 
 def test_chat_keeps_history_stops_on_ctrl_c_and_resets():

@@ -175,6 +175,9 @@ class RefusingBot:
     def classify(self, text, labels=None):
         raise self.error
 
+    def respond(self, text, history=None, labels=None, temperature=None, max_tokens=None, seed=None, **options):
+        raise self.error
+
 
 @pytest.mark.parametrize("error, status, header", [
     (QueueFull("9 requests are already waiting"), 503, "Retry-After"),

@@ -634,3 +634,29 @@ def test_long_texts_are_clipped_before_tokenizing_and_api_chat_refuses_them():
         sizes.clear()
         assert "".join(bot.stream_reply(long, max_tokens=4))        # shortened, not refused
         assert max(sizes) <= 2000
+
+
+# -- respond: the label and the reply's prefill overlap ------------------------------------------------------------
+def test_respond_decodes_the_label_beside_the_prompt_and_the_cue_after_it(bot):
+    b = backend(bot)
+    alone = bot.classify("今天真好好好")
+    expected = "".join(bot.stream_reply("今天真好好好", sentiment=alone, conversation="solo"))
+    bot.stream_reply("重置", conversation="solo").close()
+    before = len(b.batches)
+    with bot.respond("今天真好好好", conversation="other") as stream:
+        s = stream.sentiment()
+        reply = "".join(stream)
+    assert (s.label, s.confidence) == (alone.label, pytest.approx(alone.confidence))
+    assert reply == expected                                     # the same cue reached the model
+    first = b.batches[before]
+    # one llama_decode held the text's sentiment frame (a branch) and the reply's prompt (a slot) together
+    assert len(first) == 2 and stream.usage["prompt_tokens"] > first[1]
+    # the cue and the turn's close followed in the next batch, then one token a step
+    assert b.batches[before + 1] == [stream.usage["prompt_tokens"] - first[1]]
+
+
+def test_respond_with_a_label_that_fails_fails_the_reply(bot):
+    with pytest.raises(ValueError, match="labels must be one of"):
+        bot.respond("好", labels="fr")
+    stream = bot.respond("差差", labels="en")
+    assert stream.sentiment().label == "Negative" and "".join(stream)

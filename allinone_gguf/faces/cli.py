@@ -349,11 +349,11 @@ def chat_turn(bot, text: str, history: list[dict], lang: str, out) -> str:
     stream = None
     with _CtrlC() as ctrl_c:
         try:
-            s = bot.classify(text)
+            stream = bot.respond(text, history=history)     # the label, then the reply that knows it
+            s = stream.sentiment()
             out.write(badge(s.label, s.confidence, s.is_negative, lang, s.source) + "\n")
             out.flush()
             if not ctrl_c.pressed:
-                stream = bot.stream_reply(text, history=history, sentiment=s)
                 for piece in stream:
                     pieces.append(piece)
                     out.write(piece)

@@ -230,9 +230,13 @@ def build_router(get_bot: Callable[[], Any], model_name: Callable[[], str],
         if options["top_p"] == 0:
             options["top_p"] = 1e-6
         bot = bot_or_503()
-        sentiment = await asyncio.to_thread(bot.classify, text)
-        stream = bot.stream_reply(text, history=history, sentiment=sentiment, **options)
-        await asyncio.to_thread(stream.wait_started)        # refusals (context, queue) before any byte is sent
+        stream = bot.respond(text, history=history, **options)   # the label and the reply's prefill overlap
+        try:
+            await asyncio.to_thread(stream.wait_started)        # refusals (context, queue) before any byte is sent
+            sentiment = await asyncio.to_thread(stream.sentiment)
+        except BaseException:
+            stream.close()
+            raise
         rid, created, model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), body.get("model") or model_name()
         if body.get("stream"):
             include_usage = bool((body.get("stream_options") or {}).get("include_usage"))

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .adapter import AdapterError, AdapterInfo, check_base, find_adapter, frame_digest
-from .backend import Backend
+from .backend import Backend, common_prefix
 from .chat import ChatTemplate, Turn, shared_turns, window_start
 from .config import Settings
 from .prompts import CHAT_SYSTEM, ELISION, LABEL_SETS, SENTIMENT_CUE, SENTIMENT_GRAMMAR
@@ -146,7 +146,10 @@ class AllInOne:
         texts = [clip_chars(check_text(t), self.settings.max_text_chars) for t in texts]
         if not texts:
             return []
-        lang = language_of(labels, self.settings.labels)
+        return self._worker.submit(self._classify_job(texts, language_of(labels, self.settings.labels))).wait()
+
+    def _classify_job(self, texts: list[str], lang: str) -> ClassifyJob:
+        """The worker's job for classify_many (texts already checked)."""
         before, after = self._frames[lang]
         reader, s = self._readers[lang], self.settings
         room = s.sentiment_tokens + len(after)
@@ -176,7 +179,7 @@ class AllInOne:
             margin = reader.margin(b.logits_row(row)) * scale + s.sentiment_bias
             return sentiment_from_margin(margin, LABEL_SETS[lang], source)
 
-        return self._worker.submit(ClassifyJob(plan, prefix, read, len(texts), adapter)).wait()
+        return ClassifyJob(plan, prefix, read, len(texts), adapter)
 
     @property
     def sentiment_adapter(self) -> AdapterInfo | None:
@@ -203,18 +206,25 @@ class AllInOne:
         return head_tail(b.tokenize(text), self.settings.sentiment_tokens, self._elision) + self._frames[lang][1]
 
     def stream_reply(self, text: str, history: Sequence[dict] | None = None, sentiment: Sentiment | None = None,
-                     temperature: float | None = None, max_tokens: int | None = None, seed: int | None = None, *,
-                     top_p: float | None = None, stop: Sequence[str] = (), conversation: str | None = None,
-                     shorten: bool = True, grammar: str | None = None, logprobs: int | None = None) -> ReplyStream:
+                     temperature: float | None = None, max_tokens: int | None = None, seed: int | None = None,
+                     **options) -> ReplyStream:
         """Reply to `text` after `history` (oldest first, without `text`); iterate the result for text pieces.
 
-        `sentiment` (from classify) reaches the model as a cue on the user turn; None = no cue. `conversation`
-        names the KV slot to prefer (any id the caller keeps); without it the slot sharing the longest history
-        is used. A text too long for the context is shortened (head and tail) unless `shorten=False`, which
-        raises ContextOverflow (from wait_started() or the first next()). Pieces never split a UTF-8 character.
-        `grammar` (GBNF, e.g. json_grammar(schema)) constrains the reply; `logprobs=k` records each sampled
-        token's log probability and its k likeliest alternatives (ReplyStream.logprobs()).
+        `sentiment` (from classify) reaches the model as a cue on the user turn; None = no cue. Keyword options:
+        `top_p`; `stop` (strings that end the reply, not sent); `conversation` names the KV slot to prefer (any
+        id the caller keeps; without it the slot sharing the longest history is used); a text too long for the
+        context is shortened (head and tail) unless `shorten=False`, which raises ContextOverflow (from
+        wait_started() or the first next()); `grammar` (GBNF, e.g. json_grammar(schema)) constrains the reply;
+        `logprobs=k` records each sampled token's log probability and its k likeliest alternatives
+        (ReplyStream.logprobs()). Pieces never split a UTF-8 character.
         """
+        return self._reply(text, history, sentiment, None, temperature, max_tokens, seed, **options)
+
+    def _reply(self, text, history, sentiment: Sentiment | None, label_job: ClassifyJob | None, temperature,
+               max_tokens, seed, *, top_p: float | None = None, stop: Sequence[str] = (),
+               conversation: str | None = None, shorten: bool = True, grammar: str | None = None,
+               logprobs: int | None = None, labels: str | None = None) -> ReplyStream:
+        """stream_reply, with either a known `sentiment` or a `label_job` (respond) whose label is not read yet."""
         text = check_text(text)
         s = self.settings
         if len(text) > s.max_text_chars and not shorten:
@@ -229,42 +239,73 @@ class AllInOne:
             raise ValueError(f"temperature must be >= 0, max_tokens >= 1 and top_p in (0, 1], got "
                              f"{temperature}, {max_tokens}, {top_p}")
         stops = [x for x in stop if x]
-        lang = s.labels
-        cue = ""
-        if sentiment is not None:
-            lang = next((k for k, v in LABEL_SETS.items() if sentiment.label in v), lang)
-            cue = SENTIMENT_CUE[lang][0 if sentiment.is_positive else 1]
+        if logprobs is not None and not 0 <= logprobs <= MAX_TOP_LOGPROBS:
+            raise ValueError(f"logprobs must be between 0 and {MAX_TOP_LOGPROBS}, not {logprobs}")
         max_tokens = min(max_tokens, self.chat_budget // 2)
         budget = self.chat_budget - max_tokens
+        if label_job is not None:       # respond(): the label is decoded beside the prompt
+            lang = labels
+            cues = {True: SENTIMENT_CUE[lang][0], False: SENTIMENT_CUE[lang][1]}
+        else:
+            lang, cues = s.labels, {None: ""}
+            if sentiment is not None:
+                lang = next((k for k, v in LABEL_SETS.items() if sentiment.label in v), lang)
+                cues = {None: SENTIMENT_CUE[lang][0 if sentiment.is_positive else 1]}
+
+        def variant(b, past, body, cue_tokens, hint):
+            """(prompt, the turns it holds, window start) with this cue; shortened or refused when too long."""
+            prompt, start = self._window(b, lang, past, body + cue_tokens, budget, hint)
+            if prompt is None:
+                need = len(self._window(b, lang, [], body + cue_tokens, 10 ** 9, 0)[0])
+                room = len(body) - (need - budget)
+                if not shorten or room < 8:
+                    raise ContextOverflow(need, max_tokens, self.chat_budget)
+                body = head_tail(body, room, self._elision)
+                prompt, start = self._window(b, lang, [], body + cue_tokens, budget, 0)
+                past = []
+            return prompt, past + [Turn("user", text, body + cue_tokens)], start
 
         def prepare(b, slot):
             matched = shared_turns(turns, slot.turns)
             past = slot.turns[:matched] + [Turn(role, content, b.tokenize(content))   # held: the tokens the
                                            for role, content in turns[matched:]]     # model saw (cue, sampled ids)
-            body, cue_tokens = b.tokenize(read), b.tokenize(cue)
-            prompt, start = self._window(b, lang, past, body + cue_tokens, budget,
-                                         slot.start if 0 < slot.start <= matched else 0)
-            if prompt is None:
-                need = len(self._window(b, lang, [], body + cue_tokens, 10 ** 9, 0)[0])
-                if not shorten:
-                    raise ContextOverflow(need, max_tokens, self.chat_budget)
-                room = len(body) - (need - budget)
-                if room < 8:
-                    raise ContextOverflow(need, max_tokens, self.chat_budget)
-                body = head_tail(body, room, self._elision)
-                prompt, start = self._window(b, lang, [], body + cue_tokens, budget, 0)
-                past = []
-            new_turns = past + [Turn("user", text, body + cue_tokens)]
+            body, hint = b.tokenize(read), slot.start if 0 < slot.start <= matched else 0
+            variants = {key: variant(b, past, body, b.tokenize(cue), hint) for key, cue in cues.items()}
             sampler = b.sampler(temperature=temperature, top_k=s.top_k, top_p=top_p,
                                 repeat_penalty=s.repeat_penalty, seed=s.seed if seed is None else seed,
                                 grammar=grammar)
-            return prompt, new_turns, start, sampler
+            if label_job is None:
+                return (*variants[None], sampler, None)
+            # Both cues' prompts share everything before the cue: decode that now, the rest once the label is in.
+            split = common_prefix(variants[True][0], variants[False][0])
 
-        if logprobs is not None and not 0 <= logprobs <= MAX_TOP_LOGPROBS:
-            raise ValueError(f"logprobs must be between 0 and {MAX_TOP_LOGPROBS}, not {logprobs}")
-        job = ReplyJob(prepare, turns, conversation, max_tokens, hide_thinking=True, stop=stops, logprobs=logprobs)
+            def later(sentiment):
+                prompt, new_turns, start = variants[sentiment.is_positive]
+                return prompt[split:], new_turns, start
+            prompt, new_turns, start = variants[True]
+            return prompt[:split], new_turns[:-1], start, sampler, later
+
+        job = ReplyJob(prepare, turns, conversation, max_tokens, hide_thinking=True, stop=stops, logprobs=logprobs,
+                       sentiment=sentiment, label_job=label_job)
         self._worker.submit(job)
         return ReplyStream(job)
+
+    def respond(self, text: str, history: Sequence[dict] | None = None, labels: str | None = None,
+                temperature: float | None = None, max_tokens: int | None = None, seed: int | None = None,
+                **options) -> ReplyStream:
+        """A message's whole job: the sentiment of `text`, then a reply that knows it. The two overlap: the
+        reply's prompt up to the user's text is decoded in the same batches as the text's sentiment frame, and
+        the cue (a few tokens) follows as soon as the label is read. `stream.sentiment()` returns the label (it
+        is there before the first piece); the options are stream_reply's."""
+        text = check_text(text)
+        lang = language_of(labels, self.settings.labels)
+        label_job = self._classify_job([clip_chars(text, self.settings.max_text_chars)], lang)
+        self._worker.submit(label_job)
+        try:
+            return self._reply(text, history, None, label_job, temperature, max_tokens, seed, labels=lang, **options)
+        except BaseException:
+            label_job.cancel()
+            raise
 
     def reply(self, text: str, history: Sequence[dict] | None = None, sentiment: Sentiment | None = None,
               temperature: float | None = None, max_tokens: int | None = None, seed: int | None = None,

@@ -141,14 +141,20 @@ class ReplyJob(Job):
     """The worker's side of a streamed reply (the caller holds a ReplyStream over it).
 
     `prepare(backend, slot)` runs on the worker and returns (prompt tokens, the turns now held, window start,
-    sampler); the worker then decodes the prompt after the prefix the slot already holds, samples, and puts
-    each piece on the channel. After the end, `usage` and `finish_reason` are set.
+    sampler, later); the worker then decodes the prompt after the prefix the slot already holds, samples, and
+    puts each piece on the channel. After the end, `usage` and `finish_reason` are set. With a `label_job`
+    (AllInOne.respond) the prompt is the part both labels' cues share, and `later(label)` gives the rest, decoded
+    as soon as the label job's one text is read: the label and the reply's prefill overlap.
     """
 
     def __init__(self, prepare: Callable, history: list[tuple[str, str]], conversation: str | None,
-                 max_tokens: int, hide_thinking: bool, stop: list[str] = (), logprobs: int | None = None):
+                 max_tokens: int, hide_thinking: bool, stop: list[str] = (), logprobs: int | None = None,
+                 sentiment: Any = None, label_job: ClassifyJob | None = None):
         super().__init__()
         self.prepare, self.history, self.conversation = prepare, history, conversation
+        self.sentiment = sentiment        # the label the reply was given, or
+        self.label_job = label_job        # the classification whose label it waits for (respond)
+        self.later: Callable | None = None  # label -> (the prompt's rest, turns, window start), while it waits
         self.max_tokens = max_tokens
         self.logprobs = logprobs          # None: none; k: each sampled token's log P and the k likeliest
         self.token_logprobs: list[TokenLogprob] = []
@@ -246,6 +252,18 @@ class ReplyStream:
                 raise self._job.error
             raise StopIteration
         return item
+
+    def sentiment(self, timeout: float | None = None):
+        """The sentiment this reply knows: the one it was given, or (AllInOne.respond) its text's, as soon as it
+        is read (before the first piece). Raises what the classification raised."""
+        job = self._job.label_job
+        if job is None:
+            return self._job.sentiment
+        if not job.done.wait(timeout):
+            raise TimeoutError("the sentiment is not read yet")
+        if job.error is not None:
+            raise job.error
+        return job.result[0]
 
     def wait_started(self, timeout: float | None = None) -> None:
         """Block until the prompt is accepted, or raise why it was refused (e.g. ContextOverflow, QueueFull)."""
@@ -430,14 +448,30 @@ class Scheduler:
         b = self.backend
         slot = self._choose_slot(job)
         slot.busy, slot.last_used, slot.conversation, job.slot = True, time.monotonic(), job.conversation, slot
-        prompt, turns, start, job.sampler = job.prepare(b, slot)
-        keep = min(common_prefix(b.held[slot.seq], prompt), len(prompt) - 1)   # the last one: for its logits
+        prompt, turns, start, job.sampler, job.later = job.prepare(b, slot)
+        # the prompt's last token is decoded for its logits (unless the rest comes after the label)
+        keep = min(common_prefix(b.held[slot.seq], prompt), len(prompt) - (job.later is None))
         b.truncate(slot.seq, keep)
         slot.turns, slot.start = turns, start
         job.pending = prompt[keep:]
         job.usage.update(prompt_tokens=len(prompt), cached_tokens=keep)
         job.started.set()
         self._streams.append(job)
+        self._take_label(job)
+
+    def _take_label(self, job: ReplyJob) -> None:
+        """Once the label a reply waits for is read: the rest of its prompt (the cue and the turn's close)."""
+        label = job.label_job
+        if job.later is None or not label.done.is_set():
+            return
+        if label.error is not None:
+            self._drop(job, label.error)
+            return
+        rest, turns, start = job.later(label.result[0])
+        job.later = None
+        job.slot.turns, job.slot.start = turns, start
+        job.pending = job.pending + rest
+        job.usage["prompt_tokens"] += len(rest)
 
     def _release(self, job: Job) -> None:
         if isinstance(job, ReplyJob):
@@ -468,6 +502,8 @@ class Scheduler:
         for job in [j for j in self._classify if j.cancelled.is_set()]:
             self._classify.remove(job)
             job.fail(Closed("cancelled"))
+        for job in [j for j in self._streams if j.later is not None]:
+            self._take_label(job)
         parts, owners, room = [], [], b.n_batch
         generating = [j for j in self._streams if j.sampled and j.pending]
         prefilling = [j for j in self._streams if not j.sampled and j.pending and not j.deferred]
@@ -494,7 +530,7 @@ class Scheduler:
             if room <= 0:
                 break
             chunk = job.pending[:room]
-            parts.append((job.slot.seq, chunk, len(chunk) == len(job.pending)))
+            parts.append((job.slot.seq, chunk, len(chunk) == len(job.pending) and job.later is None))
             owners.append(("prompt", job))
             room -= len(chunk)
         if not parts:
