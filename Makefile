@@ -51,7 +51,7 @@ SYSTEM_PACKAGES := chromium fonts-noto-cjk
 PROXY_TOOL ?= ../shared/tools/proxy-model.sh
 PYTEST_ARGS ?=
 
-.PHONY: help setup models run test system-packages bench bench-baseline bench-ray bench-api bench-adapter clean reference-env ray-env tune tune-env
+.PHONY: help setup models run test system-packages bench bench-baseline bench-ray bench-api bench-messages bench-adapter clean reference-env ray-env tune tune-env
 
 help:
 	@echo "make setup                 virtual env in $(VENV) with the pinned dependencies (builds llama-cpp-python, ~6 min the first time)"
@@ -67,6 +67,7 @@ help:
 	@echo "make ray-env               optional: Ray (the ray extra) in $(VENV), for classify --engine ray and tests/test_ray.py"
 	@echo "make bench-ray [MODEL=x]   texts/s of classify, local vs Ray (1 actor x 2 threads, 2 x 1) on 2,000 texts"
 	@echo "make bench-api [MODEL=x]   the app as a server: 413/400 bounds, a chat's first token during a 2,000-text classify, json_schema replies"
+	@echo "make bench-messages [MODEL=x] each message's label + reply over HTTP for 1, 4, 8 users, beside llama-server's bare reply"
 	@echo "make clean                 remove built models and caches (keeps the virtual env)"
 
 setup: $(VENV)/.installed
@@ -140,6 +141,12 @@ bench-ray: ray-env
 bench-api: setup
 	@model="$(if $(filter command line environment,$(origin MODEL)),$(MODEL),$$(bash $(PROXY_TOOL) | tail -n 1))"; \
 	$(PYTHON) -m allinone_gguf.measure.bench_api "$$model"
+
+# Each message's label + reply through the HTTP API for 1, 4 and 8 users, beside llama-server's bare reply when
+# `make llama-server` built it; MODEL defaults to the real 0.5B stand-in (a coder model).
+bench-messages: setup
+	@model="$(if $(filter command line environment,$(origin MODEL)),$(MODEL),$$(bash $(PROXY_TOOL) | tail -n 1))"; \
+	$(PYTHON) -m allinone_gguf.measure.bench_messages "$$model"
 
 reference-env: $(REF_VENV)/.installed
 

@@ -34,6 +34,7 @@ from pathlib import Path
 from ..faces.cli import UserError
 from ..faces.flags import add_dataclass_arguments, add_settings_arguments, overrides
 from .bench_worker import MAX_RUNS
+from .machine import cpu_info, git_commit
 from .metrics import normalise_gold, read_labeled_csv, score
 
 ROOT = Path(__file__).resolve().parents[2]        # the repository (for bench/, ../shared/, .venv-ref/)
@@ -84,37 +85,6 @@ def add_bench_parser(sub) -> None:
 
 # ---------------------------------------------------------------------------------------------- conditions
 
-def cpu_info() -> dict:
-    """CPU model name, logical CPUs and physical cores, from /proc/cpuinfo where there is one."""
-    model, cores = platform.processor() or "unknown", set()
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        text = ""
-    phys = core = None
-    for line in text.splitlines():
-        key, _, value = (s.strip() for s in line.partition(":"))
-        if key == "model name":
-            model = value
-        elif key == "physical id":
-            phys = value
-        elif key == "core id":
-            core = value
-            cores.add((phys, core))
-    return {"cpu": model, "logical_cpus": os.cpu_count(), "physical_cores": len(cores) or None}
-
-
-def _git_commit() -> str | None:
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                             timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return (sha + ("+changes" if dirty else "")) or None
-
-
 def conditions(settings) -> dict:
     return {**cpu_info(), "n_threads": settings.n_threads, "n_ctx": settings.n_ctx,
             "labels": settings.labels, "sentiment_prompt": settings.sentiment_prompt,
@@ -122,7 +92,7 @@ def conditions(settings) -> dict:
             "llama_cpp_python": importlib.metadata.version("llama-cpp-python"),
             "python": platform.python_version(), "os": platform.platform(), "host": socket.gethostname(),
             "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-            "git": _git_commit(), "loadavg_start": list(os.getloadavg())}
+            "git": git_commit(), "loadavg_start": list(os.getloadavg())}
 
 
 def quant_of(path: Path) -> str:

@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from .bench import _git_commit, cpu_info
+from .machine import cpu_info, git_commit
 from .bench_worker import latency_summary, memory_mb, sample_texts
 from .evaluate import ece_of, flip_rate, predict, read_rows
 from .metrics import NEGATIVE, POSITIVE, score
@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         paths[path] = json.loads(r.stdout.strip().splitlines()[-1])
     report = {"model": Path(a.model).name, "date": datetime.date.today().isoformat(),
-              "machine": cpu_info(), "threads": a.threads, "commit": _git_commit(),
+              "machine": cpu_info(), "threads": a.threads, "commit": git_commit(),
               "command": "python -m allinone_gguf.measure.bench_adapter " + " ".join(argv or sys.argv[1:]),
               "paths": paths}
     md = render(report)

@@ -16,13 +16,13 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import platform
 import threading
 import time
 from pathlib import Path
 
 from .app_process import ROOT, running_app
 from .bench_serving import PROMPTS, percentile
+from .machine import cpu_info
 
 KEY = "bench"
 SCHEMA = {"type": "object", "additionalProperties": False, "required": ["sentiment", "reason", "urgent"],
@@ -30,13 +30,6 @@ SCHEMA = {"type": "object", "additionalProperties": False, "required": ["sentime
                          "urgent": {"type": "boolean"}}}
 TEXTS = ["这家店的菜很好吃，服务也很周到。", "等了两个小时外卖还没到，太失望了。", "质量一般，价格还可以。",
          "物流很快，包装完好，五星好评！", "客服态度恶劣，再也不买了。", "房间干净，位置方便，下次还住。"]
-
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
 
 
 def first_token_s(client, text: str, seed: int) -> float:
@@ -64,7 +57,7 @@ def run(model: Path, threads: int, n_texts: int, n_chats: int) -> dict:
     import httpx
     import openai
     auth = {"Authorization": f"Bearer {KEY}"}
-    out: dict = {"model": model.name, "threads": threads, "machine": cpu_name(),
+    out: dict = {"model": model.name, "threads": threads, "machine": cpu_info()["cpu"],
                  "date": datetime.date.today().isoformat()}
     with running_app(model, model.parent, "--n-threads", str(threads), "--api-key", KEY) as server:
         client = openai.OpenAI(base_url=server.url + "v1", api_key=KEY, max_retries=0, timeout=600)

@@ -29,7 +29,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from .bench import ROOT, cpu_info
+from .bench import ROOT
+from .machine import cpu_info
 
 DEFAULT_DATA = ROOT.parent / "shared/data/sentiment/train/waimai_10k.train2000.csv"
 CONFIGS = (("local, 2 threads", "local", 1, 2), ("ray, 1 actor x 2 threads", "ray", 1, 2),

@@ -22,6 +22,8 @@ import threading
 import time
 from pathlib import Path
 
+from .machine import cpu_info, rss_mb
+
 ROOT = Path(__file__).resolve().parents[2]
 PROMPTS = ["今天终于把拖了很久的报告写完了，感觉轻松多了。", "快递又延误了，客服也联系不上，真让人生气。",
            "周末和朋友去爬山，风景特别好。", "最近睡眠不太好，白天总是没精神。",
@@ -33,13 +35,6 @@ SLOTS = (1, 2, 4, 8)
 def percentile(xs: list[float], q: float) -> float:
     xs = sorted(xs)
     return xs[min(len(xs) - 1, max(0, round(q * (len(xs) - 1))))]
-
-
-def rss_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def run_streams(model: str, threads: int, parallel: int, streams: int, tokens: int) -> dict:
@@ -108,7 +103,7 @@ def measure(model: str, threads: int, tokens: int, slots=SLOTS) -> dict:
     eight = next((r for r in runs if r["streams"] == max(slots) and r["parallel"] == max(slots)), None)
     return {
         "model": str(model), "threads": threads, "tokens_per_stream": tokens,
-        "machine": {"cpu": _cpu(), "cores": _cores(), "python": platform.python_version()},
+        "machine": {**cpu_info(), "python": platform.python_version()},
         "date": datetime.date.today().isoformat(), "runs": runs, "ceiling_tps": ceiling,
         "bare_prefill_s": prefill_s, "bare_prefill_tokens": prefill_n,
         "ratios": {
@@ -119,24 +114,9 @@ def measure(model: str, threads: int, tokens: int, slots=SLOTS) -> dict:
     }
 
 
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def _cores() -> int:
-    import os
-    return os.cpu_count() or 0
-
-
 def render(r: dict) -> str:
     lines = [f"Serving on {Path(r['model']).name}, {r['threads']} threads, {r['tokens_per_stream']} new tokens a "
-             f"stream; {r['machine']['cpu']} ({r['machine']['cores']} cores), {r['date']}", "",
+             f"stream; {r['machine']['cpu']} ({r['machine']['logical_cpus']} CPUs), {r['date']}", "",
              "| slots | streams | aggregate tok/s | per-stream tok/s | bare loop tok/s (same streams) | "
              "TTFT p50 | TTFT p95 | RSS MB |", "|---|---|---|---|---|---|---|---|"]
     for run in r["runs"]:
