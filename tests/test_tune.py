@@ -25,6 +25,7 @@ from allinone_gguf.runtime import adapter as adapter_module
 from allinone_gguf.runtime.adapter import (WEIGHTS_KEY, adapter_files, file_sha256, model_family, weights_digest,
                                            weights_identity, write_metadata)
 from allinone_gguf.tune.data import TRAIN_INJECTIONS, build_examples, inject
+from allinone_gguf.tune.memory import checkout_shape, estimate_peak_gb, pick_batch
 from allinone_gguf.tune.run import fit_temperature
 from conftest import CACHE, QUANTS, REQUIRE_PROXY, ROOT, run_convert
 from convert.compare import differences
@@ -269,11 +270,12 @@ def test_shared_prefix_training_margins_equal_whole_text_ones(tiny_checkout, mod
     inputs.write_text(json.dumps({"prefix": ids[0][:n], "label_ids": [list(x) for x in label_ids]}) + "\n" + "".join(
         json.dumps({"rest": t[n:], "label": y, "split": "train"}) + "\n" for t, (y, _) in zip(ids, TEXTS)))
     r = subprocess.run([str(TUNE_PYTHON), str(TRAINER), "--checkout", str(tiny_checkout), "--inputs", str(inputs),
-                        "--out", str(tmp_path / "x"), "--self-check", "--precision", "fp32"],
+                        "--out", str(tmp_path / "x"), "--self-check", "--precision", "fp32", "--base-dtype", "fp32"],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr[-2000:]
     result = json.loads(r.stdout.strip().splitlines()[-1])
     assert result["max_abs_diff"] < 1e-4 and len(result["shared"]) == 6
+    assert result["grad_rel_diff"] < 1e-4       # gradients too, through the checkpointed (recomputed) layers
     assert max(abs(x) for x in result["shared"]) > 1e-3     # margins that are not all zero
 
 
@@ -330,16 +332,21 @@ def test_trained_adapter_converts_byte_identical_to_the_reference(tuned, tiny_ch
     assert ours.read_bytes() == ref.read_bytes()
 
 
-def test_ctrl_c_stops_training_and_keeps_the_best_checkpoint(tiny_checkout, model, tmp_path):
-    need_tune_env()
-    rows = [(i % 2, f"第{i}条：{'很满意' if i % 2 else '很失望'}") for i in range(400)]
+def write_inputs(model: Path, path: Path, texts: int, held: int = 8) -> Path:
+    """inputs.jsonl as `tune` writes it, for `texts` short texts (the first `held` held back)."""
+    rows = [(i % 2, f"第{i}条：{'很满意' if i % 2 else '很失望'}") for i in range(texts)]
     with AllInOne(model, sentiment_adapter="off", sentiment_prompt="guide", n_ctx=1024) as bot:
         ids, label_ids, _ = bot.sentiment_inputs([t for _, t in rows])
     n = len(os.path.commonprefix(ids))
-    inputs = tmp_path / "inputs.jsonl"
-    inputs.write_text(json.dumps({"prefix": ids[0][:n], "label_ids": [list(x) for x in label_ids]}) + "\n" + "".join(
-        json.dumps({"rest": t[n:], "label": y, "split": "held" if i < 8 else "train"}) + "\n"
+    path.write_text(json.dumps({"prefix": ids[0][:n], "label_ids": [list(x) for x in label_ids]}) + "\n" + "".join(
+        json.dumps({"rest": t[n:], "label": y, "split": "held" if i < held else "train"}) + "\n"
         for i, (t, (y, _)) in enumerate(zip(ids, rows))))
+    return path
+
+
+def test_ctrl_c_stops_training_and_keeps_the_best_checkpoint(tiny_checkout, model, tmp_path):
+    need_tune_env()
+    inputs = write_inputs(model, tmp_path / "inputs.jsonl", 400)
     out = tmp_path / "peft"
     proc = subprocess.Popen([str(TUNE_PYTHON), str(TRAINER), "--checkout", str(tiny_checkout), "--inputs",
                              str(inputs), "--out", str(out), "--batch", "1", "--epochs", "20", "--threads", "1"],
@@ -383,3 +390,101 @@ def test_bench_adapter_reports_both_paths_side_by_side(model, tiny_checkout, tmp
     assert g["data"]["dev.csv"]["n"] == a["data"]["dev.csv"]["n"] == len(TEXTS)
     assert 0 <= a["data"]["dev.csv"]["flips"] <= 1 and a["latency"]["short"]["p50_ms"] > 0
     assert "| dev.csv | adapter |" in r.stdout and "adapter / grammar" in r.stdout
+
+
+# -- interruptions and memory (issue 17) --------------------------------------------------------------------------
+def sigterm_after_first_checkpoint(cmd: list[str], **popen) -> tuple[int, str]:
+    """Run `cmd`, send it SIGTERM as soon as it reports its first checkpoint on disk (an event, not a time), and
+    return its exit status and stderr."""
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, **popen)
+    seen = []
+    for line in proc.stderr:
+        seen.append(line)
+        if "checkpoint saved" in line:
+            proc.send_signal(signal.SIGTERM)
+            break
+    rest = proc.communicate(timeout=300)[1]
+    return proc.returncode, "".join(seen) + rest
+
+
+def test_sigterm_then_resume_ends_with_the_uninterrupted_runs_adapter(tiny_checkout, model, tmp_path):
+    need_tune_env()
+    inputs = write_inputs(model, tmp_path / "inputs.jsonl", 104)
+    cmd = [str(TUNE_PYTHON), str(TRAINER), "--checkout", str(tiny_checkout), "--inputs", str(inputs), "--batch", "2",
+           "--epochs", "4", "--evals", "8", "--seed", "3", "--threads", "1"]      # 192 steps, a checkpoint every 24
+    whole = subprocess.run(cmd + ["--out", str(tmp_path / "whole")], capture_output=True, text=True, timeout=600)
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    parted = tmp_path / "parted"
+    rc, rest = sigterm_after_first_checkpoint(cmd + ["--out", str(parted)])
+    assert rc == 130, rest[-2000:]
+    stopped = json.loads((parted / "train_log.json").read_text())
+    assert stopped["interrupted"] and 24 <= stopped["steps"] < stopped["steps_planned"] == 192
+    assert "SIGTERM" in rest and (parted / "adapter_model.safetensors").is_file()
+    assert not list(parted.glob("*.tmp")) and (parted / "checkpoint.pt").is_file()
+    resumed = subprocess.run(cmd + ["--out", str(parted), "--resume"], capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"resuming at step {stopped['steps']}/192" in resumed.stderr
+    assert (parted / "adapter_model.safetensors").read_bytes() == \
+        (tmp_path / "whole" / "adapter_model.safetensors").read_bytes()
+    a, b = (json.loads((d / "train_log.json").read_text()) for d in (tmp_path / "whole", parted))
+    assert [e["loss"] for e in a["evals"]] == [e["loss"] for e in b["evals"]] and a["best"]["step"] == b["best"]["step"]
+    # a checkpoint of other settings is refused with one line
+    other = subprocess.run(cmd[:-4] + ["--seed", "4", "--threads", "1", "--out", str(parted), "--resume"],
+                           capture_output=True, text=True, timeout=600)
+    assert other.returncode == 2 and "differs in seed" in other.stderr and "Traceback" not in other.stderr
+
+
+def test_peak_memory_is_reported_and_within_the_estimate(tuned, tiny_checkout):
+    model, meta, seconds, r, tmp = tuned
+    peak = meta["training"]["peak_rss_mb"] / 1024
+    inputs = (tmp / "work" / "inputs.jsonl").read_text(encoding="utf-8").splitlines()
+    prefix = len(json.loads(inputs[0])["prefix"])
+    longest = max(len(json.loads(line)["rest"]) for line in inputs[1:])
+    estimate = estimate_peak_gb(checkout_shape(tiny_checkout), batch=4, prefix=prefix, longest=longest)
+    assert 0.1 < peak <= estimate, (peak, estimate)
+    assert "peak memory" in r.stderr and "s/step" in r.stderr
+
+
+# the stand-in checkout's shape (checkout_shape: 630 M weights with its own lm_head, 24 layers) and its inputs
+# (a 94-token prefix, texts up to 261 tokens), for the pure estimates below
+SHAPE_05B = {"params": 630_167_424, "layers": 24, "hidden": 896, "intermediate": 4864, "heads": 14, "kv": 128}
+
+
+@pytest.mark.parametrize("limit, expected", [(64.0, 8), (3.0, 8), (2.2, 4), (1.8, None)])
+def test_max_memory_picks_the_largest_batch_that_fits(limit, expected):
+    sizes = dict(prefix=94, longest=261)
+    if expected is None:
+        with pytest.raises(ValueError, match=r"even one text at a time.*--max-memory is 1.8 GB"):
+            pick_batch(SHAPE_05B, limit, batch=8, **sizes)
+        return
+    assert pick_batch(SHAPE_05B, limit, batch=8, **sizes) == expected
+    grows = [estimate_peak_gb(SHAPE_05B, batch=b, **sizes) for b in (1, 2, 4, 8)]
+    assert grows == sorted(grows) and grows[0] < grows[-1]
+    # without checkpointing and with fp32 weights, the same batch needs several times the memory
+    assert estimate_peak_gb(SHAPE_05B, batch=8, base_dtype="fp32", checkpointing=False, **sizes) > 3 * grows[-1]
+
+
+def test_tune_says_in_one_line_when_the_training_cannot_fit(model, tiny_checkout, tmp_path):
+    data = write_csv(tmp_path / "t.csv", TEXTS * 3)
+    env = {**os.environ, "ALLINONE_TUNE_PYTHON": sys.executable}     # never started: the estimate comes first
+    r = subprocess.run([sys.executable, "-m", "allinone_gguf", "tune", str(model), "--data", str(data), "--hf",
+                        str(tiny_checkout), "--held", "2", "--max-memory", "0.2", "--work", str(tmp_path / "w")],
+                       capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert "even one text at a time" in r.stderr and "--max-memory is 0.2 GB" in r.stderr
+
+
+def test_tune_passes_sigterm_on_converts_the_best_so_far_and_resumes(model, tiny_checkout, tmp_path):
+    need_tune_env()
+    data = write_csv(tmp_path / "train.csv", TEXTS * 3)
+    cmd = [sys.executable, "-m", "allinone_gguf", "tune", str(model), "--data", str(data), "--hf", str(tiny_checkout),
+           "--texts", "16", "--held", "6", "--batch", "1", "--epochs", "8", "--threads", "1", "--work",
+           str(tmp_path / "work")]
+    rc, rest = sigterm_after_first_checkpoint(cmd, cwd=ROOT)     # to `tune` only: it passes it on to the trainer
+    assert rc == 0, rest[-2000:]
+    meta = json.loads(adapter_files(model)[1].read_text(encoding="utf-8"))
+    assert meta["training"]["interrupted"] and "--resume continues" in rest and adapter_files(model)[0].is_file()
+    r = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 0 and f"resuming at step {meta['training']['steps']}/" in r.stderr, r.stderr[-2000:]
+    meta = json.loads(adapter_files(model)[1].read_text(encoding="utf-8"))
+    assert not meta["training"]["interrupted"] and meta["training"]["settings"]["resume"]

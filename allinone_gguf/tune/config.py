@@ -24,3 +24,18 @@ class TuneSettings:
     prompt: str = field(default="guide", metadata={
         "help": "sentiment prompt variant the adapter is trained in (and the runtime then uses with it)"})
     labels: str = field(default="zh", metadata={"help": "label language the adapter answers in"})
+    max_tokens: int | None = field(default=None, metadata={
+        "help": "text tokens per training input, head and tail kept as the runtime cuts them (default: the "
+                "runtime's sentiment_tokens)"})
+    base_dtype: str = field(default="bf16", metadata={
+        "help": "precision the frozen base weights are kept in while training: bf16 or fp32 (the LoRA and its "
+                "optimizer stay fp32)"})
+    checkpointing: bool = field(default=True, metadata={
+        "help": "gradient checkpointing: keep each layer's input only and recompute the layer in the backward "
+                "pass (far less memory, a little more time)"})
+    max_memory: float | None = field(default=None, metadata={
+        "help": "GB the training may use: the batch is lowered until the estimate fits (an error if not even one "
+                "text at a time fits)"})
+    resume: bool = field(default=False, metadata={
+        "help": "continue an interrupted run from the last checkpoint in --work (same data and settings): it "
+                "ends with the adapter the uninterrupted run would have written"})

@@ -17,6 +17,8 @@ import dataclasses
 import json
 import math
 import os
+import resource
+import signal
 import subprocess
 import sys
 import time
@@ -26,6 +28,7 @@ from ..runtime.adapter import adapter_files, file_sha256, weights_identity, writ
 from ..runtime.prompts import LABEL_SETS, SENTIMENT_PROMPTS
 from .config import TuneSettings
 from .data import build_examples, read_labelled
+from .memory import checkout_shape, estimate_peak_gb, pick_batch
 
 ROOT = Path(__file__).resolve().parents[2]
 TRAINER = Path(__file__).with_name("train_lora.py")
@@ -99,14 +102,29 @@ def score(bot, rows: list[tuple[int, str]], labels: str) -> dict:
 
 
 def run_trainer(cmd: list[str]) -> int:
-    """Run the trainer in the foreground; a Ctrl-C reaches it too (same process group) and it saves the best
-    checkpoint so far, which this process then waits for instead of dying."""
+    """Run the trainer in the foreground; a Ctrl-C reaches it too (same process group) and it saves a checkpoint
+    and the best adapter so far, which this process then waits for instead of dying. A SIGTERM sent to this
+    process is passed on to the trainer, which takes it like a Ctrl-C (and takes a second one as the same)."""
     proc = subprocess.Popen(cmd)
-    while True:
-        try:
-            return proc.wait()
-        except KeyboardInterrupt:
-            print("waiting for the trainer to save the best checkpoint…", file=sys.stderr, flush=True)
+
+    def on_sigterm(signum, frame):
+        print("SIGTERM: waiting for the trainer to save a checkpoint…", file=sys.stderr, flush=True)
+        proc.send_signal(signal.SIGTERM)
+    before = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        while True:
+            try:
+                return proc.wait()
+            except KeyboardInterrupt:
+                print("waiting for the trainer to save the best checkpoint…", file=sys.stderr, flush=True)
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
+def peak_rss_gb() -> float:
+    """The largest resident set of this process and of its finished children (the trainer), in GB."""
+    kb = max(resource.getrusage(who).ru_maxrss for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+    return round(kb / 1024 ** 2, 2)
 
 
 def tune(model: str | Path, data: list[str], *, hf: str | None = None, dev: list[str] = (),
@@ -146,8 +164,9 @@ def tune(model: str | Path, data: list[str], *, hf: str | None = None, dev: list
         f"{sum(e.split == 'held' for e in examples)} held back, from {len(files)} file(s)")
 
     # 1. token ids in the runtime's frame (the model file's tokenizer: the same ids classify decodes)
+    cut = {"sentiment_tokens": s.max_tokens} if s.max_tokens else {}
     with AllInOne(model, sentiment_adapter="off", sentiment_prompt=s.prompt, labels=s.labels,
-                  n_threads=threads, parallel=1) as bot:
+                  n_threads=threads, parallel=1, **cut) as bot:
         ids, label_ids, digest = bot.sentiment_inputs([e.text for e in examples], s.labels)
         n_prefix = len(os.path.commonprefix(ids))
         prefix = ids[0][:n_prefix]
@@ -157,16 +176,35 @@ def tune(model: str | Path, data: list[str], *, hf: str | None = None, dev: list
         for e, t in zip(examples, ids):
             f.write(json.dumps({"rest": t[n_prefix:], "label": e.label, "split": e.split}) + "\n")
 
-    # 2. training, in the tuning environment
+    # 2. training, in the tuning environment, at the largest batch that fits --max-memory
+    if s.base_dtype not in ("bf16", "fp32"):
+        raise TuneError(f"base_dtype must be bf16 or fp32, not {s.base_dtype}")
+    shape = checkout_shape(checkout)
+    sizes = dict(prefix=n_prefix, longest=max(len(t) for t in ids) - n_prefix, base_dtype=s.base_dtype,
+                 checkpointing=s.checkpointing)
+    batch = s.batch
+    if s.max_memory:
+        try:
+            batch = pick_batch(shape, s.max_memory, batch=s.batch, **sizes)
+        except ValueError as e:
+            raise TuneError(str(e)) from None
+    log(f"batch {batch}: about {estimate_peak_gb(shape, batch=batch, **sizes):.1f} GB at the longest input "
+        f"({sizes['prefix'] + sizes['longest']} tokens; estimate)")
     peft_dir = work / "peft"
     cmd = [str(python), str(TRAINER), "--checkout", str(checkout), "--inputs", str(inputs), "--out", str(peft_dir),
            "--rank", str(s.rank), "--alpha", str(s.alpha), "--targets", s.targets, "--epochs", str(s.epochs),
-           "--lr", str(s.lr), "--batch", str(s.batch), "--seed", str(s.seed), "--threads", str(threads)]
+           "--lr", str(s.lr), "--batch", str(batch), "--seed", str(s.seed), "--threads", str(threads),
+           "--base-dtype", s.base_dtype, "--checkpointing" if s.checkpointing else "--no-checkpointing"]
+    if s.resume:
+        cmd.append("--resume")
     log(f"training on {checkout} ({python})")
     rc = run_trainer(cmd)
     if rc not in (0, 130) or not (peft_dir / "adapter_model.safetensors").is_file():
         raise TuneError(f"training failed (exit status {rc}); its messages are above")
     train_log = json.loads((peft_dir / "train_log.json").read_text(encoding="utf-8"))
+    if train_log["interrupted"]:
+        log(f"training stopped at step {train_log['steps']} of {train_log['steps_planned']}: going on with the best "
+            "checkpoint so far; the same command with --resume continues the training")
 
     # 3. conversion (torch-free, byte-identical to llama.cpp's converter)
     convert_lora_to_gguf(peft_dir, checkout, out_gguf, "F16")
@@ -176,7 +214,9 @@ def tune(model: str | Path, data: list[str], *, hf: str | None = None, dev: list
         "labels": s.labels, "label_set": list(LABEL_SETS[s.labels]), "prompt": s.prompt, "frame_sha256": digest,
         "temperature": 1.0, "adapter_bytes": out_gguf.stat().st_size, "adapter_sha256": file_sha256(out_gguf),
         "training": {"settings": dataclasses.asdict(s), "files": record, "seconds": train_log["seconds"],
-                     "steps": train_log["steps"], "interrupted": train_log["interrupted"],
+                     "steps": train_log["steps"], "interrupted": train_log["interrupted"], "batch": batch,
+                     "peak_rss_mb": train_log.get("peak_rss_mb"),
+                     "seconds_per_step": train_log.get("seconds_per_step"),
                      "held_back": train_log.get("best")},
     }
     write_metadata(out_meta, meta)
@@ -199,4 +239,5 @@ def tune(model: str | Path, data: list[str], *, hf: str | None = None, dev: list
     meta["minutes"] = round((time.perf_counter() - started) / 60, 1)
     write_metadata(out_meta, meta)
     log(f"wrote {out_gguf} ({out_gguf.stat().st_size / 1e6:.1f} MB) and {out_meta.name} in {meta['minutes']} min")
+    log(f"peak memory {peak_rss_gb():.2f} GB (ru_maxrss: the trainer or this process, whichever is larger)")
     return meta
