@@ -21,7 +21,7 @@ from .download import DownloadError, resolve
 from .hf_to_gguf import OUTTYPES, convert_hf_to_gguf
 from .lora_to_gguf import convert_lora_to_gguf
 from .pipeline import DEFAULT_TYPES, build_models
-from .quantize import QUANT_TYPES, quantize_gguf
+from allinone_gguf.runtime.quantize import QUANT_TYPES, quantize_gguf
 from .safetensors_np import CheckpointError
 
 _bars: list[tqdm] = []

@@ -126,7 +126,7 @@ def _add_hparams(writer: gguf.GGUFWriter, config: dict, n_layers: int, ftype: gg
     writer.add_file_type(ftype)
 
 
-def _write_tensor(fout, t: TensorRef, qtype: gguf.GGMLQuantizationType) -> None:
+def write_tensor(fout, t: TensorRef, qtype: gguf.GGMLQuantizationType) -> None:
     np_type = np.float16 if qtype == gguf.GGMLQuantizationType.F16 else np.float32
     if (t.dtype, np_type) in (("F16", np.float16), ("F32", np.float32)):
         # Already in the output type: copy the bytes through the memory map.
@@ -226,7 +226,7 @@ def convert_hf_to_gguf(checkout: Path, out: Path, outtype: str = "F16",
     add_vocab_to_gguf(writer, vocab)
 
     total = sum(t.n_elements * (2 if q == gguf.GGMLQuantizationType.F16 else 4) for t, q in plan)
-    out = write_gguf(writer, Path(out), [lambda f, t=t, q=q: _write_tensor(f, t, q) for t, q in plan], total,
+    out = write_gguf(writer, Path(out), [lambda f, t=t, q=q: write_tensor(f, t, q) for t, q in plan], total,
                      progress)
     log.info("wrote %s (%d tensors)", out, len(plan))
     return out

@@ -33,7 +33,7 @@ from typing import Callable
 import gguf
 import numpy as np
 
-from .hf_to_gguf import (OUTTYPES, SUPPORTED_ARCHITECTURES, _write_tensor, add_general_metadata, model_arch,
+from .hf_to_gguf import (OUTTYPES, SUPPORTED_ARCHITECTURES, write_tensor, add_general_metadata, model_arch,
                          read_config, write_gguf)
 from .safetensors_np import CheckpointError, SafetensorsFile, TensorRef, checkpoint_tensors
 
@@ -248,7 +248,7 @@ def convert_lora_to_gguf(adapter_dir: Path, base: Path, out: Path, outtype: str 
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
     total = sum(t.n_elements for t, _ in plan) * np_type.itemsize
-    writes = [lambda f, t=t, tr=tr: (_write_transposed if tr else _write_tensor)(f, t, qtype) for t, tr in plan]
+    writes = [lambda f, t=t, tr=tr: (_write_transposed if tr else write_tensor)(f, t, qtype) for t, tr in plan]
     out = write_gguf(writer, Path(out), writes, total, progress)
     log.info("wrote %s (%d LoRA pairs for %s)", out, len(pairs), model.path)
     return out

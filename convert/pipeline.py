@@ -20,7 +20,7 @@ from allinone_gguf.runtime.adapter import file_sha256
 
 from .download import NEEDED_FILES, Source, resolve
 from .hf_to_gguf import convert_hf_to_gguf
-from .quantize import QUANT_TYPES, quantize_gguf
+from allinone_gguf.runtime.quantize import QUANT_TYPES, quantize_gguf
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ import pytest
 
 import allinone_gguf.runtime
 from allinone_gguf.measure import bench, bench_report, bench_worker
-from allinone_gguf.measure.metrics import read_labeled_csv
+from allinone_gguf.faces.scoring import read_labeled_csv
 
 ROOT = Path(__file__).resolve().parent.parent
 LENGTHS = ("short", "medium", "long")

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from allinone_gguf.faces import cli, flags
+from allinone_gguf.faces import classify_common, cli, flags
 from allinone_gguf.runtime import BRANCHES
 from allinone_gguf.runtime.config import Settings
-from allinone_gguf.measure.metrics import normalise_gold
+from allinone_gguf.faces.scoring import normalise_gold
 from allinone_gguf.faces.rowio import count_done, detect_format, read_records
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -116,7 +116,7 @@ def test_gold_summary_on_given_predictions():
     rows = ([{"label": "1", "sentiment": "正面"}] * 3 + [{"label": "1", "sentiment": "负面"}]
             + [{"label": "negative", "sentiment": "负面"}] * 2 + [{"label": "0", "sentiment": "Positive"}]
             + [{"label": "0", "sentiment": None, "error": "line 9: empty text"}, {"label": "?", "sentiment": "正面"}])
-    s, errors, unreadable = cli.gold_summary(rows, "label")
+    s, errors, unreadable = classify_common.gold_summary(rows, "label")
     assert (s.n, errors, unreadable) == (7, 1, 1)
     assert s.accuracy == pytest.approx(5 / 7)
     assert s.recall == {"正面": pytest.approx(3 / 4), "负面": pytest.approx(2 / 3)}

@@ -23,7 +23,7 @@ from conftest import CACHE, run_convert
 from convert.compare import differences
 from convert.hf_to_gguf import convert_hf_to_gguf
 from convert.lora_to_gguf import AdapterError, convert_lora_to_gguf
-from convert.quantize import quantize_gguf
+from allinone_gguf.runtime.quantize import quantize_gguf
 from convert.reference_files import reference_lora_converter
 from convert.safetensors_np import SafetensorsFile
 from test_reference_converter import REFERENCE_PYTHON

@@ -1,4 +1,4 @@
-"""convert/quantize.py: llama.cpp's log levels as its own ggml.h numbers them, and the real error of a failed run."""
+"""allinone_gguf/runtime/quantize.py: llama.cpp's log levels as its own ggml.h numbers them, and the real error of a failed run."""
 from __future__ import annotations
 
 import re
@@ -6,7 +6,7 @@ import re
 import pytest
 
 from conftest import CACHE
-from convert import quantize
+from allinone_gguf.runtime import quantize
 from convert.reference_files import vendored_file
 
 

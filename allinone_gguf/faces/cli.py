@@ -20,33 +20,17 @@ import time
 import typing
 from pathlib import Path
 
-from ..measure.metrics import NEGATIVE, normalise_gold, score
 from ..runtime.config import Settings
+from .classify_common import CLASSIFY_SETTINGS, UserError, classify_group, print_gold
+from .scoring import NEGATIVE, normalise_gold
 from .flags import add_settings_arguments, overrides
 from .ray_classify import add_engine_arguments, local_input, run_classify_ray
 from .rowio import RowWriter, count_done, detect_format, open_text, output_header, read_records, read_rows
 from .ui_helpers import DEFAULT_MODEL, badge
 
 # Settings fields each command exposes as flags (the sentiment role needs no sampling knobs).
-CLASSIFY_SETTINGS = ("n_threads", "n_ctx", "labels", "sentiment_adapter", "sentiment_prompt", "sentiment_tokens",
-                     "sentiment_bias")
 CHAT_SETTINGS = ("n_threads", "n_ctx", "labels", "temperature", "top_p", "top_k", "repeat_penalty",
                  "max_tokens", "seed", "sentiment_adapter", "sentiment_prompt")
-
-
-def _classify_group(bot, recs) -> dict:
-    """{id(record): Sentiment or the exception} for records with text; one batched call, or one call each when
-    the batch fails, so a bad row gets its own error and the others their answers."""
-    try:
-        return {id(r): s for r, s in zip(recs, bot.classify_many([r.text for r in recs]))}
-    except (ValueError, RuntimeError):
-        out = {}
-        for r in recs:
-            try:
-                out[id(r)] = bot.classify(r.text)
-            except (ValueError, RuntimeError) as exc:
-                out[id(r)] = exc
-        return out
 
 
 def add_model_argument(parser: argparse.ArgumentParser) -> None:
@@ -69,10 +53,6 @@ def adapter_note(bot) -> str:
         return "sentiment: the model's own weights, grammar-forced (no sentiment adapter)"
     return (f"sentiment: adapter {a.path.name} for {a.labels} labels (temperature {a.temperature}); "
             "--sentiment-adapter off for the model alone")
-
-
-class UserError(Exception):
-    """A mistake in the command line or the input; printed as one line, exit status 2."""
 
 
 # ---------------------------------------------------------------------------------------------- classify
@@ -154,41 +134,6 @@ def priority_key(row: dict) -> tuple[int, float]:
     return (0, -(confidence if negative else 1.0 - confidence))
 
 
-def gold_summary(rows: list[dict], gold: str) -> tuple[object, int, int]:
-    """(Score over the rows with a label and a readable gold value, rows with errors, unreadable gold values)."""
-    golds, preds, errors, unreadable = [], [], 0, 0
-    for row in rows:
-        if row.get("error") or not row.get("sentiment"):
-            errors += 1
-            continue
-        try:
-            g = normalise_gold(row.get(gold))
-        except ValueError:
-            unreadable += 1
-            continue
-        try:
-            p = normalise_gold(row["sentiment"])
-        except ValueError:
-            p = str(row["sentiment"])  # counted as invalid by score()
-        golds.append(g)
-        preds.append(p)
-    return score(golds, preds), errors, unreadable
-
-
-def _print_gold(rows: list[dict], gold: str, say) -> None:
-    s, errors, unreadable = gold_summary(rows, gold)
-    if not s.n:
-        say(f"--gold {gold}: no row had both a readable gold label and a prediction")
-        return
-    skipped = "".join([f", {errors} rows with errors not scored" if errors else "",
-                       f", {unreadable} unreadable gold values skipped" if unreadable else ""])
-    say(f"accuracy {s.accuracy:.1%} on {s.n} rows{skipped}")
-    say("recall   " + "  ".join(f"{label} {r:.1%}" if r == r else f"{label} – (no gold rows)"
-                                for label, r in s.recall.items())
-        + f"  invalid outputs {s.invalid}")
-    say(s.table())
-
-
 def _write_all(path: str, fmt: str, header, rows: list[dict]) -> None:
     """Write rows to path atomically (a temporary file renamed over it), or to stdout."""
     tmp = path if path == "-" else path + ".tmp"
@@ -260,7 +205,7 @@ def run_classify(args) -> int:
         # one by one as soon as their group is done; an interruption loses at most the group in flight.
         # A group is as many rows as the runtime classifies in one batch.
         while group := list(itertools.islice(rest, BRANCHES)):
-            answers = _classify_group(bot, [rec for rec in group if rec.error is None])
+            answers = classify_group(bot, [rec for rec in group if rec.error is None])
             for rec in group:
                 row = dict(rec.fields)
                 if rec.error is None:
@@ -305,7 +250,7 @@ def run_classify(args) -> int:
         lines = ", ".join(map(str, bad[:20])) + (", ..." if len(bad) > 20 else "")
         say(f"{len(bad)} bad row{'s' * (len(bad) > 1)} written with an error field (input lines {lines})")
     if args.gold:
-        _print_gold(rows, args.gold, say)
+        print_gold(rows, args.gold, say)
     return 0
 
 

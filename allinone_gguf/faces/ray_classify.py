@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..runtime.config import Settings
+from .classify_common import CLASSIFY_SETTINGS, classify_group, print_gold
 from .flags import add_dataclass_arguments, overrides
 from .shards import (MANIFEST, OUTPUT_FORMATS, SHARD_PREFIX, Chunk, InputFile, Manifest, Shard,
                      check_output_format, clear_output, default_output_format, expand_inputs, output_columns,
@@ -140,7 +141,6 @@ class _Classifier:
     def __call__(self, batch: dict) -> dict:
         import numpy as np
         from ..runtime import BRANCHES
-        from .cli import _classify_group
         from .rowio import Record
         n = len(batch["shard"])
         label, conf, error = [None] * n, [float("nan")] * n, [_text(e) for e in batch["error"]]
@@ -150,7 +150,7 @@ class _Classifier:
                 key = (int(batch["shard"][i]), int(batch["seq"][i]) // BRANCHES)
                 groups.setdefault(key, []).append((i, Record(0, {}, str(batch["text"][i]))))
         for members in groups.values():
-            answers = _classify_group(self.bot, [rec for _, rec in members])
+            answers = classify_group(self.bot, [rec for _, rec in members])
             for i, rec in members:
                 s = answers[id(rec)]
                 if isinstance(s, Exception):
@@ -262,7 +262,6 @@ def run_classify_ray(args: argparse.Namespace) -> int:
         raise ValueError("--engine ray reads files, folders or globs and writes shards: name them, and -o FOLDER")
     if args.sort != "input":
         raise ValueError("--sort priority needs --engine local: Ray writes each shard as soon as it is complete")
-    from .cli import CLASSIFY_SETTINGS
     settings = overrides(args, CLASSIFY_SETTINGS)
     full = Settings().replace(**settings)
     model = Path(args.model).resolve()
@@ -327,8 +326,7 @@ def run_classify_ray(args: argparse.Namespace) -> int:
         print(f"error: {manifest.rows_in - manifest.rows_out} rows are missing; rerun with --resume", file=sys.stderr)
         return 1
     if args.gold:
-        from .cli import _print_gold
-        _print_gold(sink.read_all(), args.gold, print)
+        print_gold(sink.read_all(), args.gold, print)
     return 0
 
 

@@ -43,7 +43,7 @@ def add_tune_parser(sub) -> None:
 
 def run_tune(args) -> int:
     from ..tune.run import TuneError, tune
-    from .cli import UserError
+    from .classify_common import UserError
     settings = TuneSettings(**overrides(args, [f.name for f in dataclasses.fields(TuneSettings)]))
     try:
         tune(args.model, args.data, hf=args.hf, dev=args.dev, settings=settings, threads=args.threads,

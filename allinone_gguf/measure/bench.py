@@ -31,11 +31,11 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..faces.cli import UserError
+from ..faces.classify_common import UserError
 from ..faces.flags import add_dataclass_arguments, add_settings_arguments, overrides
 from .bench_worker import MAX_RUNS
 from .machine import cpu_info, git_commit
-from .metrics import normalise_gold, read_labeled_csv, score
+from ..faces.scoring import normalise_gold, read_labeled_csv, score
 
 ROOT = Path(__file__).resolve().parents[2]        # the repository (for bench/, ../shared/, .venv-ref/)
 BENCH_SETTINGS = ("n_threads", "n_ctx", "sentiment_adapter", "sentiment_prompt")

@@ -22,7 +22,7 @@ from pathlib import Path
 from .machine import cpu_info, git_commit
 from .bench_worker import latency_summary, memory_mb, sample_texts
 from .evaluate import ece_of, flip_rate, predict, read_rows
-from .metrics import NEGATIVE, POSITIVE, score
+from ..faces.scoring import NEGATIVE, POSITIVE, score
 
 ROOT = Path(__file__).resolve().parents[2]
 PATHS = {"grammar": "off", "adapter": "auto"}

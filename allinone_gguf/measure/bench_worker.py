@@ -108,7 +108,7 @@ def latency_summary(seconds: list[float], texts: list[str]) -> dict:
 
 def canonical_label(label: str) -> str:
     """正面/负面 for any label language; anything else unchanged (so it counts as an invalid output)."""
-    from .metrics import normalise_gold
+    from ..faces.scoring import normalise_gold
     try:
         return normalise_gold(label)
     except ValueError:

@@ -2,20 +2,21 @@
 
     python -m convert quantize models/X/X-F16.gguf models/X/X-Q4_K_M.gguf --type Q4_K_M
 
-`quantize_gguf(src, dst, "Q8_0")` from Python. The quantizer reports each tensor through llama.cpp's log
+`quantize_gguf(src, dst, "Q8_0")` from Python (the pipeline in convert/ calls it; it lives in the runtime, the one
+layer that talks to llama.cpp). The quantizer reports each tensor through llama.cpp's log
 ("[  12/ 290] blk.0.attn_q.weight ..."); we read those lines to drive a progress callback and keep them
 off the terminal. Output goes to `<dst>.tmp` first, so a failed run leaves no half-written file.
 """
 from __future__ import annotations
 
 import ctypes
+import logging
 import os
 import re
 from pathlib import Path
 from typing import Callable
 
 import llama_cpp
-import llama_cpp._logger
 
 # GGUF spelling -> llama_ftype
 QUANT_TYPES = {
@@ -27,6 +28,17 @@ _STEP = re.compile(rb"\[\s*(\d+)/\s*(\d+)\]")
 # and llama_cpp._logger's table, numbered them NONE, INFO, WARN, ERROR, DEBUG: read with that table, a failed
 # run reports its warnings and drops the real error. CONT continues the previous message at its level.
 LOG_NONE, LOG_DEBUG, LOG_INFO, LOG_WARN, LOG_ERROR, LOG_CONT = range(6)
+
+
+_LLAMA_LOG = logging.getLogger("llama-cpp-python")    # where llama-cpp-python's own callback sends llama.cpp's lines
+
+
+@llama_cpp.llama_log_callback
+def _to_logging(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+    """llama.cpp's log lines to Python logging once a quantization is over (module-level: never collected)."""
+    kind = {LOG_ERROR: logging.ERROR, LOG_WARN: logging.WARNING, LOG_INFO: logging.INFO}.get(level, logging.DEBUG)
+    if _LLAMA_LOG.isEnabledFor(kind):
+        _LLAMA_LOG.log(kind, (text or b"").decode("utf-8", "replace").rstrip("\n"))
 
 
 class ErrorLog:
@@ -77,7 +89,7 @@ def quantize_gguf(src: Path, dst: Path, qtype: str, n_threads: int | None = None
     try:
         rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
     finally:
-        llama_cpp.llama_log_set(llama_cpp._logger.llama_log_callback, ctypes.c_void_p(0))
+        llama_cpp.llama_log_set(_to_logging, ctypes.c_void_p(0))
     if rc != 0 or not tmp.is_file():
         tmp.unlink(missing_ok=True)
         detail = errors.summary() or f"llama_model_quantize returned {rc}"
