@@ -32,8 +32,6 @@ import logging
 import sys
 import threading
 import time
-import uuid
-from collections import deque
 from contextlib import closing
 from pathlib import Path
 
@@ -41,11 +39,11 @@ import gradio as gr
 import uvicorn
 from fastapi import FastAPI
 
-from allinone_gguf import AllInOne, ModelLoadError, Settings
-from allinone_gguf.faces.http_guard import Guard
+from allinone_gguf import ModelLoadError, Settings
 from allinone_gguf.faces.flags import add_dataclass_arguments, add_settings_arguments, overrides
+from allinone_gguf.faces.http_guard import Guard
 from allinone_gguf.faces.openai_api import build_router
-from allinone_gguf.runtime import QueueFull
+from allinone_gguf.faces.sessions import USER_ERRORS, ModelSlot, Session
 from allinone_gguf.runtime.config import field_help
 from allinone_gguf.faces.ui_helpers import (
     LANGUAGE_CHOICES,
@@ -54,8 +52,6 @@ from allinone_gguf.faces.ui_helpers import (
     badge,
     history_from_chat,
     is_loopback,
-    list_models,
-    model_name,
     mood_point,
     mood_svg,
 )
@@ -63,7 +59,7 @@ from allinone_gguf.faces.ui_helpers import (
 log = logging.getLogger("app")
 # The line under the chat: where the current turn is (tests wait on these too).
 WAITING, REPLYING, DONE, STOPPED = "… waiting for the model", "… replying", "✓ done", "■ stopped"
-QUEUED = "⏳ waiting to be sent: "   # before the messages typed while a reply runs
+QUEUED = Session.QUEUED
 # Seconds between chat updates while a reply streams: the browser re-renders the whole message on each
 # update, so one per token makes long replies lag behind the model (and run on after Stop).
 REFRESH_S = 0.1
@@ -72,75 +68,11 @@ MODEL_EVENTS = 16
 SAME = (gr.skip(), gr.skip(), gr.skip())  # mood state, mood chart and turn status unchanged
 
 
-class ModelSlot:
-    """The one loaded model, shared by all sessions. Switching loads the new file once, then closes the old."""
-
-    def __init__(self, path: Path, models_dir: Path, settings: Settings):
-        self.models_dir, self.settings = Path(models_dir), settings
-        self._lock = threading.Lock()
-        self.bot = AllInOne(path, settings)
-        log.info("loaded %s", path)
-        self.start_path = Path(path).resolve()
-        self.ready = threading.Event()     # /health: 503 until set (and while a switch loads)
-        self.ready.set()
-
-    def choices(self) -> list[tuple[str, str]]:
-        """The model menu: *.gguf under models_dir, plus the file given on the command line."""
-        return list_models(self.models_dir, extra=[self.start_path])
-
-    def current(self) -> str:
-        return str(Path(self.bot.model_path).resolve())
-
-    def switch(self, path: str) -> bool:
-        """Load `path` (one of choices()) unless it is already loaded; True when a load happened."""
-        with self._lock:
-            if str(Path(path).resolve()) == self.current():
-                return False
-            if str(Path(path).resolve()) not in {value for _, value in self.choices()}:
-                raise ValueError(f"{path}: not a model under {self.models_dir}")
-            self.ready.clear()
-            try:
-                new = AllInOne(path, self.settings)
-            finally:
-                self.ready.set()
-            old, self.bot = self.bot, new
-        old.close()
-        log.info("loaded %s", path)
-        return True
-
-    def status(self) -> str:
-        return f"**Model:** `{model_name(Path(self.current()), self.models_dir)}`"
-
-
-class Session:
-    """One browser session: its conversation id (the runtime keeps a KV slot for it), the chat as shown, and the
-    messages typed while a reply was running. Gradio hands the same object to every event of the session."""
-
-    def __init__(self):
-        self.conversation = uuid.uuid4().hex
-        self.chat: list[dict] = []
-        self.pending: deque[str] = deque()
-        self.lock = threading.Lock()
-        self.running = False
-
-    def __deepcopy__(self, memo) -> "Session":   # Gradio copies the State's default for every new session
-        return Session()
-
-    def shown(self) -> list[dict]:
-        """The chat plus the waiting messages, so nothing typed ever disappears from the page."""
-        return self.chat + [{"role": "user", "content": text} for text in self.pending]
-
-    def status(self, line: str) -> str:
-        return line + (f"  \n{QUEUED}{len(self.pending)}" if self.pending else "")
-
-
 def add_user(message: str, session: Session):
     """Queue the message and show it at once (not queued in Gradio); an empty box stops the chain."""
     if not (message or "").strip():
         raise gr.Error("Type a message first. / 请先输入一句话。", duration=3)
-    with session.lock:
-        session.pending.append(message.strip())
-        busy = session.running
+    busy = session.push(message.strip())
     return "", session.shown(), session.status(REPLYING) if busy else WAITING
 
 
@@ -148,23 +80,15 @@ def answer(slot: ModelSlot, session: Session, mood: list, lang: str, temperature
     """Answer the session's waiting messages one after the other: for each, the badge and mood chart first, then
     the reply piece by piece. Only one answer runs per session (a second call returns at once: the running one
     takes the new message next). Stop makes Gradio close this generator, which closes the runtime's stream."""
-    with session.lock:
-        if session.running:
-            return
-        session.running = True
+    if not session.begin():
+        return
     try:
-        while True:
-            with session.lock:
-                if not session.pending:
-                    session.running = False
-                    return
-                text = session.pending.popleft()
+        while (text := session.next_message()) is not None:
             history = history_from_chat(session.chat)
             session.chat.append({"role": "user", "content": text})
             mood = yield from _turn(slot, session, text, history, mood, lang, temperature, max_tokens)
     finally:
-        with session.lock:
-            session.running = False
+        session.end()
 
 
 def _turn(slot, session, text, history, mood, lang, temperature, max_tokens):
@@ -173,7 +97,7 @@ def _turn(slot, session, text, history, mood, lang, temperature, max_tokens):
         stream = bot.respond(text, history=history, labels=lang, temperature=float(temperature),
                              max_tokens=int(max_tokens), conversation=session.conversation)
         sentiment = stream.sentiment()
-    except (ValueError, TypeError, ModelLoadError, QueueFull) as e:
+    except USER_ERRORS as e:
         session.chat.pop()
         raise gr.Error(str(e)) from e
     line = badge(sentiment.label, sentiment.confidence, sentiment.is_negative, lang, sentiment.source)
@@ -199,17 +123,11 @@ def _turn(slot, session, text, history, mood, lang, temperature, max_tokens):
 
 def stop_turn(session: Session):
     """Stop: the running reply ends (Gradio cancels it); messages still waiting go back to the box, not lost."""
-    with session.lock:
-        waiting = list(session.pending)
-        session.pending.clear()
-    return "\n".join(waiting), session.shown(), STOPPED
+    return session.take_waiting(), session.shown(), STOPPED
 
 
 def clear_chat(session: Session):
-    with session.lock:
-        session.chat, waiting = [], list(session.pending)
-        session.pending.clear()
-    return "\n".join(waiting), [], [], mood_svg([]), ""
+    return session.take_waiting(clear_chat=True), [], [], mood_svg([]), ""
 
 
 def build_app(slot: ModelSlot) -> gr.Blocks:
@@ -219,7 +137,7 @@ def build_app(slot: ModelSlot) -> gr.Blocks:
     def switch_model(path: str):
         try:
             slot.switch(path)
-        except (ValueError, TypeError, ModelLoadError) as e:
+        except USER_ERRORS as e:
             raise gr.Error(str(e)) from e
         return slot.status()
 
@@ -232,7 +150,7 @@ def build_app(slot: ModelSlot) -> gr.Blocks:
         """Sentiment of `text`: (label, confidence). labels: "zh" (正面/负面) or "en" (Positive/Negative)."""
         try:
             sentiment = slot.bot.classify(text, labels=labels)
-        except (ValueError, TypeError, ModelLoadError, QueueFull) as e:
+        except USER_ERRORS as e:
             raise gr.Error(str(e)) from e
         return sentiment.label, float(sentiment.confidence)
 
@@ -244,7 +162,7 @@ def build_app(slot: ModelSlot) -> gr.Blocks:
             with slot.bot.respond(text, history=history or [], labels=labels, temperature=temperature,
                                   max_tokens=max_tokens, seed=seed) as stream:
                 sentiment, reply = stream.sentiment(), "".join(stream)
-        except (ValueError, TypeError, ModelLoadError, QueueFull) as e:
+        except USER_ERRORS as e:
             raise gr.Error(str(e)) from e
         return sentiment.label, float(sentiment.confidence), reply
 

@@ -5,6 +5,7 @@ import gradio as gr
 import pytest
 
 import app
+from allinone_gguf.faces import sessions
 from allinone_gguf.faces.ui_helpers import BADGE_RE, badge
 
 
@@ -72,7 +73,7 @@ class FakeBot:
 
 @pytest.fixture
 def models(tmp_path, monkeypatch):
-    monkeypatch.setattr(app, "AllInOne", FakeBot)
+    monkeypatch.setattr(sessions, "AllInOne", FakeBot)
     FakeBot.loads = []
     (tmp_path / "m").mkdir()
     paths = {q: tmp_path / "m" / f"tiny-{q}.gguf" for q in ("Q4_K_M", "Q8_0")}
@@ -82,7 +83,7 @@ def models(tmp_path, monkeypatch):
 
 
 def test_switch_loads_once_and_closes_the_old_model(models, tmp_path):
-    slot = app.ModelSlot(models["Q4_K_M"], tmp_path / "m", settings=None)
+    slot = sessions.ModelSlot(models["Q4_K_M"], tmp_path / "m", settings=None)
     first = slot.bot
     assert slot.switch(str(models["Q4_K_M"])) is False  # already loaded: no reload
     assert slot.switch(str(models["Q8_0"])) is True
@@ -93,7 +94,7 @@ def test_switch_loads_once_and_closes_the_old_model(models, tmp_path):
 
 
 def test_switch_refuses_files_outside_the_models_folder(models, tmp_path):
-    slot = app.ModelSlot(models["Q4_K_M"], tmp_path / "m", settings=None)
+    slot = sessions.ModelSlot(models["Q4_K_M"], tmp_path / "m", settings=None)
     stray = tmp_path / "stray.gguf"
     stray.write_bytes(b"")
     with pytest.raises(ValueError, match="not a model under"):
@@ -101,8 +102,8 @@ def test_switch_refuses_files_outside_the_models_folder(models, tmp_path):
     assert len(FakeBot.loads) == 1
 
 
-def session_with(chat, *pending) -> app.Session:
-    session = app.Session()
+def session_with(chat, *pending) -> sessions.Session:
+    session = sessions.Session()
     session.chat = list(chat)
     session.pending.extend(pending)
     return session
@@ -110,7 +111,7 @@ def session_with(chat, *pending) -> app.Session:
 
 def test_a_turn_shows_the_badge_first_then_streams_with_clean_history(models, tmp_path, monkeypatch):
     monkeypatch.setattr(app, "REFRESH_S", 0.0)  # one chat update per piece
-    slot = app.ModelSlot(models["Q4_K_M"], tmp_path / "m", settings=None)
+    slot = sessions.ModelSlot(models["Q4_K_M"], tmp_path / "m", settings=None)
     earlier = [{"role": "user", "content": [{"type": "text", "text": "早上好"}]},
                {"role": "assistant", "content": badge("正面", 0.9, False) + "\n\n早！"}]
     session = session_with(earlier, "考试没过")
@@ -131,15 +132,15 @@ def test_a_turn_shows_the_badge_first_then_streams_with_clean_history(models, tm
 
 def test_chat_updates_are_throttled_but_the_first_piece_and_the_end_always_show(models, tmp_path, monkeypatch):
     monkeypatch.setattr(app, "REFRESH_S", 3600.0)
-    slot = app.ModelSlot(models["Q4_K_M"], tmp_path / "m", settings=None)
+    slot = sessions.ModelSlot(models["Q4_K_M"], tmp_path / "m", settings=None)
     steps = list(app.answer(slot, session_with([], "hi"), [], "zh", 0.7, 32))
     assert [BADGE_RE.sub("", s[0][-1]["content"]) for s in steps[1:]] == ["你", "你好呀！"]
 
 
 def test_a_message_sent_during_a_reply_waits_in_view_and_is_answered_next(models, tmp_path, monkeypatch):
     monkeypatch.setattr(app, "REFRESH_S", 0.0)
-    slot = app.ModelSlot(models["Q4_K_M"], tmp_path / "m", settings=None)
-    session = app.Session()
+    slot = sessions.ModelSlot(models["Q4_K_M"], tmp_path / "m", settings=None)
+    session = sessions.Session()
     app.add_user("再说一遍好吗？", session)
     turn = app.answer(slot, session, [], "zh", 0.7, 32)
     next(turn), next(turn)                                   # badge, first piece of the first reply
@@ -156,7 +157,7 @@ def test_a_message_sent_during_a_reply_waits_in_view_and_is_answered_next(models
 
 def test_stop_closes_the_runtime_stream_and_gives_waiting_messages_back(models, tmp_path):
     """Gradio's cancel calls close() on the turn's generator; the model's stream must be closed with it."""
-    slot = app.ModelSlot(models["Q4_K_M"], tmp_path / "m", settings=None)
+    slot = sessions.ModelSlot(models["Q4_K_M"], tmp_path / "m", settings=None)
     session = session_with([], "hi")
     turn = app.answer(slot, session, [], "en", 0.7, 32)
     next(turn), next(turn)  # badge, first piece
@@ -169,7 +170,7 @@ def test_stop_closes_the_runtime_stream_and_gives_waiting_messages_back(models, 
 
 
 def test_empty_messages_are_refused_before_the_queue():
-    session = app.Session()
+    session = sessions.Session()
     with pytest.raises(gr.Error):
         app.add_user("   ", session)
     assert app.add_user(" hi ", session) == ("", [{"role": "user", "content": "hi"}], app.WAITING)
@@ -181,3 +182,17 @@ def test_cli_defaults_come_from_the_settings_dataclasses():
     args = app.parse_args(["--port", "7999", "--parallel", "3", "--models-dir", "elsewhere"])
     assert (args.ui.port, str(args.ui.models_dir), args.load) == (7999, "elsewhere", {"parallel": 3})
     assert app.Settings(**args.load).parallel == 3
+
+
+def test_session_queue_keeps_every_message_in_order_and_one_turn_loop():
+    s = sessions.Session()
+    assert s.push("一") is False and s.begin() is True
+    assert s.push("二") is True                                # a loop runs: it will take this one next
+    assert s.begin() is False                                  # a second loop does not start
+    assert s.next_message() == "一" and s.shown()[-1] == {"role": "user", "content": "二"}
+    assert "2" not in s.status("x") and sessions.Session.QUEUED in s.status("x")
+    assert s.take_waiting() == "二" and s.next_message() is None and s.begin() is True   # Stop gave it back
+    s.end()
+    s.chat = [{"role": "user", "content": "一"}]
+    s.push("三")
+    assert s.take_waiting(clear_chat=True) == "三" and s.chat == [] and s.shown() == []

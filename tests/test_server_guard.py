@@ -20,6 +20,7 @@ from starlette.routing import Mount
 from starlette.testclient import TestClient
 
 import app
+from allinone_gguf.faces import sessions
 from allinone_gguf import Settings
 from allinone_gguf.faces.http_guard import COOKIE, LOGIN, LOGOUT, session_value
 from app_server import running_app
@@ -64,7 +65,7 @@ def all_routes(asgi) -> list[tuple[str, str]]:
 
 @pytest.fixture(scope="module")
 def assembled(tiny_models):
-    slot = app.ModelSlot(tiny_models["Q4_K_M"], tiny_models["Q4_K_M"].parent, Settings(n_threads=1))
+    slot = sessions.ModelSlot(tiny_models["Q4_K_M"], tiny_models["Q4_K_M"].parent, Settings(n_threads=1))
     try:
         yield app.build_server(slot, KEY)
     finally:
