@@ -5,7 +5,7 @@ PYTHON   := $(VENV)/bin/python
 # The defaults are written once (the pipeline's in convert/defaults.py, the app's in allinone_gguf/faces/ui_helpers.py,
 # both standard library only, so the system Python reads them before the virtual env exists) and printed by
 # ui_helpers: source checkout, models folder, quant type, host, port.
-APP_DEFAULTS := $(shell $(PY) -m allinone_gguf.faces.ui_helpers)
+APP_DEFAULTS := $(shell $(PY) -m allinone_gguf.faces.defaults)
 ifneq ($(words $(APP_DEFAULTS)),5)
 $(error cannot read the defaults with `$(PY) -m allinone_gguf.faces.ui_helpers` (Python >= 3.10 needed; PY=...))
 endif

@@ -40,6 +40,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from allinone_gguf import ModelLoadError, Settings
+from allinone_gguf.faces.defaults import AppSettings
 from allinone_gguf.faces.flags import add_dataclass_arguments, add_settings_arguments, overrides
 from allinone_gguf.faces.http_guard import Guard
 from allinone_gguf.faces.openai_api import build_router
@@ -47,7 +48,6 @@ from allinone_gguf.faces.sessions import USER_ERRORS, ModelSlot, Session
 from allinone_gguf.runtime.config import field_help
 from allinone_gguf.faces.ui_helpers import (
     LANGUAGE_CHOICES,
-    AppSettings,
     assistant_text,
     badge,
     history_from_chat,

@@ -3,8 +3,8 @@ quant type the app and the CLI load.
 
     from convert.defaults import DEFAULT_SOURCE, MODELS_DIR, DEFAULT_QUANT
 
-Standard library only, so the app's helpers (allinone_gguf/faces/ui_helpers.py) and the Makefile, through
-`python3 -m allinone_gguf.faces.ui_helpers` before the virtual env exists, read them without numpy, gguf or
+Standard library only, so the faces' defaults (allinone_gguf/faces/defaults.py) and the Makefile, through
+`python3 -m allinone_gguf.faces.defaults` before the virtual env exists, read them without numpy, gguf or
 llama.cpp.
 """
 from __future__ import annotations

@@ -112,3 +112,15 @@ def test_list_models_offers_only_gguf_under_the_folder(tmp_path):
 ])
 def test_is_loopback(host, loopback):
     assert is_loopback(host) is loopback
+
+
+def test_the_makefile_reads_the_defaults_with_the_standard_library_alone():
+    # `make` runs `python3 -m allinone_gguf.faces.defaults` before the virtual env exists
+    import subprocess
+    import sys
+    code = ("import runpy, sys; runpy.run_module('allinone_gguf.faces.defaults', run_name='__main__'); "
+            "print(sorted(m for m in ('numpy', 'gguf', 'llama_cpp', 'gradio') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")
+    from allinone_gguf.faces.defaults import DEFAULT_MODEL, DEFAULT_PORT, model_file
+    source, models, quant, host, port = out[0].split()
+    assert model_file(source, quant, models) == DEFAULT_MODEL and int(port) == DEFAULT_PORT and out[1] == "[]"

@@ -6,7 +6,7 @@
     python -m allinone_gguf chat --model models/Qwen1.5-0.5B-Chat/Qwen1.5-0.5B-Chat-Q4_K_M.gguf
 
 Flag defaults come from `Settings` (allinone_gguf/runtime/config.py, through faces/flags.py) and the app's
-default model path (faces/ui_helpers.py). llama.cpp is loaded only when a command runs, so `--help` is fast.
+default model path (faces/defaults.py). llama.cpp is loaded only when a command runs, so `--help` is fast.
 """
 from __future__ import annotations
 
@@ -21,12 +21,13 @@ import typing
 from pathlib import Path
 
 from ..runtime.config import Settings
+from .defaults import DEFAULT_MODEL
 from .classify_common import CLASSIFY_SETTINGS, UserError, classify_group, print_gold
 from .scoring import NEGATIVE, normalise_gold
 from .flags import add_settings_arguments, overrides
 from .ray_classify import add_engine_arguments, local_input, run_classify_ray
 from .rowio import RowWriter, count_done, detect_format, open_text, output_header, read_records, read_rows
-from .ui_helpers import DEFAULT_MODEL, badge
+from .ui_helpers import badge
 
 # Settings fields each command exposes as flags (the sentiment role needs no sampling knobs).
 CHAT_SETTINGS = ("n_threads", "n_ctx", "labels", "temperature", "top_p", "top_k", "repeat_penalty",

@@ -6,53 +6,15 @@ Nothing here imports gradio or touches a model, so it is tested without a browse
     >>> badge("正面", 0.93, negative=False)
     '😄 LLM 情感判断: 正面 (置信度 93%)'
 
-It also gathers the defaults every face shares: the model `make models` builds and `make run` loads, the
-models folder and the quant type (written once in convert/defaults.py, which the pipeline owns), and the app's
-host and port. The Makefile reads them from here:
-
-    python3 -m allinone_gguf.faces.ui_helpers      # prints: SOURCE MODELS_DIR QUANT HOST PORT
+The app's defaults (AppSettings, the default model, host and port) live in faces/defaults.py.
 """
 from __future__ import annotations
 
-import dataclasses
 import html
 import ipaddress
 import re
 from pathlib import Path
 from typing import Any, Iterable
-
-from convert.defaults import DEFAULT_QUANT, DEFAULT_SOURCE, MODELS_DIR
-
-
-def model_file(source: str, quant: str = DEFAULT_QUANT, models_dir: Path = MODELS_DIR) -> Path:
-    """Where `python -m convert all SOURCE --out MODELS_DIR` writes `quant`: <dir>/<name>/<name>-<quant>.gguf."""
-    name = Path(source.rstrip("/")).name
-    return Path(models_dir) / name / f"{name}-{quant}.gguf"
-
-
-DEFAULT_MODEL = model_file(DEFAULT_SOURCE)
-DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 7860
-
-
-@dataclasses.dataclass(frozen=True)
-class AppSettings:
-    """Defaults of the app itself; the model's knobs (temperature, max_tokens, labels) live in Settings."""
-
-    model: Path = dataclasses.field(default=DEFAULT_MODEL, metadata={"help": "GGUF file loaded at start"})
-    models_dir: Path = dataclasses.field(
-        default=MODELS_DIR, metadata={"help": "folder whose *.gguf files the model menu offers"}
-    )
-    host: str = dataclasses.field(
-        default=DEFAULT_HOST, metadata={"help": "address to bind; anything but loopback needs --api-key, or anyone "
-                                                 "who reaches the port can use the model"}
-    )
-    port: int = dataclasses.field(default=DEFAULT_PORT, metadata={"help": "TCP port"})
-    max_body_bytes: int = dataclasses.field(default=4 << 20, metadata={
-        "help": "largest HTTP request body accepted, in bytes (HTTP 413 beyond, before anything is parsed)"})
-    max_classify_texts: int = dataclasses.field(default=2048, metadata={
-        "help": "most texts in one /v1/classify request (HTTP 400 beyond)"})
-    temperature_range: tuple[float, float] = (0.0, 1.5)  # slider bounds; the default comes from Settings
-    max_tokens_range: tuple[int, int] = (16, 512)  # slider bounds, in new tokens
 
 
 # Badge wording per label language; the Chinese form is the seeds' `😄 LLM 情感判断: 正面`.
@@ -171,6 +133,3 @@ def is_loopback(host: str) -> bool:
     except ValueError:
         return False
 
-
-if __name__ == "__main__":  # for the Makefile: one line, space-separated
-    print(DEFAULT_SOURCE, MODELS_DIR, DEFAULT_QUANT, DEFAULT_HOST, DEFAULT_PORT)
