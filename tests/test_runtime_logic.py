@@ -19,7 +19,7 @@ from allinone_gguf.runtime.chat import ThinkFilter, Turn, window_start
 from allinone_gguf.runtime.config import field_help
 from allinone_gguf.runtime.engine import BRANCHES, SEQ_SENTIMENT, check_history
 from allinone_gguf.runtime.prompts import ELISION, LABEL_SETS, SENTIMENT_CUE, SENTIMENT_GRAMMAR, SENTIMENT_PROMPTS
-from allinone_gguf.runtime.scheduler import ContextOverflow, QueueFull
+from allinone_gguf.runtime import ContextOverflow, QueueFull
 from allinone_gguf.runtime.sentiment import head_tail
 
 SPECIALS = {"<|im_start|>": 1, "<|im_end|>": 2, "<|endoftext|>": 3}

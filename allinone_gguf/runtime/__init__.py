@@ -10,8 +10,8 @@ import importlib
 
 # public name -> the module that defines it
 _WHERE = {"AllInOne": ".engine", "AdapterError": ".adapter", "BRANCHES": ".engine", "ModelLoadError": ".backend", "Sentiment": ".sentiment",
-          "Settings": ".config", "Closed": ".scheduler", "ContextOverflow": ".scheduler", "QueueFull": ".scheduler",
-          "ReplyStream": ".scheduler", "TokenLogprob": ".scheduler", "MAX_TOP_LOGPROBS": ".engine",
+          "Settings": ".config", "Closed": ".jobs", "ContextOverflow": ".jobs", "QueueFull": ".jobs",
+          "ReplyStream": ".jobs", "TokenLogprob": ".jobs", "MAX_TOP_LOGPROBS": ".engine",
           "json_grammar": ".structured"}
 __all__ = sorted(_WHERE)
 

@@ -24,7 +24,8 @@ from .backend import Backend, common_prefix
 from .chat import ChatTemplate, Turn, shared_turns, window_start
 from .config import Settings
 from .prompts import CHAT_SYSTEM, ELISION, LABEL_SETS, SENTIMENT_CUE, SENTIMENT_GRAMMAR
-from .scheduler import ClassifyJob, ContextOverflow, ReplyJob, ReplyStream, Scheduler
+from .jobs import ClassifyJob, ContextOverflow, ReplyJob, ReplyStream
+from .scheduler import Scheduler
 from .sentiment import LabelReader, Sentiment, head_tail, language_of, sentiment_frame, sentiment_from_margin
 
 log = logging.getLogger(__name__)
