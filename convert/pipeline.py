@@ -18,6 +18,7 @@ from typing import Callable
 
 from allinone_gguf.runtime.adapter import file_sha256
 
+from .defaults import MANIFEST, gguf_name
 from .download import NEEDED_FILES, Source, resolve
 from .hf_to_gguf import convert_hf_to_gguf
 from allinone_gguf.runtime.quantize import QUANT_TYPES, quantize_gguf
@@ -25,7 +26,6 @@ from allinone_gguf.runtime.quantize import QUANT_TYPES, quantize_gguf
 log = logging.getLogger(__name__)
 
 DEFAULT_TYPES = ("F16", *QUANT_TYPES)   # the converter's F16, then each quantizer type
-MANIFEST = "manifest.json"
 
 
 def _tool_versions() -> dict[str, str]:
@@ -86,10 +86,10 @@ def build_models(src: str, out_root: Path, types: tuple[str, ...] = DEFAULT_TYPE
 
     def up_to_date(qtype: str) -> bool:
         entry = outputs.get(qtype)
-        path = folder / f"{source.name}-{qtype}.gguf"
+        path = folder / gguf_name(source.name, qtype)
         return bool(entry) and path.is_file() and path.stat().st_size == entry["bytes"]
 
-    f16 = folder / f"{source.name}-F16.gguf"
+    f16 = folder / gguf_name(source.name, "F16")
     needs_f16 = any(not up_to_date(t) for t in types)   # quantizing needs the F16 file
     if needs_f16 and not up_to_date("F16"):
         start = time.perf_counter()
@@ -101,7 +101,7 @@ def build_models(src: str, out_root: Path, types: tuple[str, ...] = DEFAULT_TYPE
     for qtype in types:
         if qtype == "F16" or up_to_date(qtype):
             continue
-        dst = folder / f"{source.name}-{qtype}.gguf"
+        dst = folder / gguf_name(source.name, qtype)
         start = time.perf_counter()
         quantize_gguf(f16, dst, qtype, n_threads, progress=bar and bar(f"quantize {dst.name}", 0, "tensor"))
         outputs[qtype] = {"file": dst.name, "bytes": dst.stat().st_size, "sha256": file_sha256(dst),

@@ -5,22 +5,16 @@ Standard library only, so the Makefile reads them with the system Python before 
 
     python3 -m allinone_gguf.faces.defaults      # prints: SOURCE MODELS_DIR QUANT HOST PORT
 
-    >>> from allinone_gguf.faces.defaults import model_file
-    >>> model_file("Qwen/Qwen1.5-0.5B-Chat", "Q8_0").as_posix()
-    'models/Qwen1.5-0.5B-Chat/Qwen1.5-0.5B-Chat-Q8_0.gguf'
+    >>> from allinone_gguf.faces.defaults import DEFAULT_MODEL
+    >>> DEFAULT_MODEL.as_posix()
+    'models/Qwen1.5-0.5B-Chat/Qwen1.5-0.5B-Chat-Q4_K_M.gguf'
 """
 from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
 
-from convert.defaults import DEFAULT_QUANT, DEFAULT_SOURCE, MODELS_DIR
-
-
-def model_file(source: str, quant: str = DEFAULT_QUANT, models_dir: Path = MODELS_DIR) -> Path:
-    """Where `python -m convert all SOURCE --out MODELS_DIR` writes `quant`: <dir>/<name>/<name>-<quant>.gguf."""
-    name = Path(source.rstrip("/")).name
-    return Path(models_dir) / name / f"{name}-{quant}.gguf"
+from convert.defaults import DEFAULT_QUANT, DEFAULT_SOURCE, MODELS_DIR, model_file
 
 
 DEFAULT_MODEL = model_file(DEFAULT_SOURCE)

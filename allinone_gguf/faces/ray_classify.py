@@ -26,6 +26,8 @@ import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from convert.defaults import MANIFEST as MODELS_MANIFEST
+
 from ..runtime.config import Settings
 from .classify_common import CLASSIFY_SETTINGS, classify_group, print_gold
 from .flags import add_dataclass_arguments, overrides
@@ -103,9 +105,9 @@ def file_sha256(path: Path) -> str:
 
 
 def expected_sha256(model: Path) -> tuple[str, str]:
-    """(sha256, where it came from): the `make models` manifest.json beside the model when it lists the file
+    """(sha256, where it came from): the `make models` manifest beside the model when it lists the file
     (checked against the file here too), else the hash of the file on this machine."""
-    manifest = model.parent / "manifest.json"
+    manifest = model.parent / MODELS_MANIFEST
     if manifest.is_file():
         outputs = json.loads(manifest.read_text(encoding="utf-8")).get("outputs", {})
         listed = next((o["sha256"] for o in outputs.values() if o.get("file") == model.name), None)

@@ -36,8 +36,8 @@ from ..faces.flags import add_dataclass_arguments, add_settings_arguments, overr
 from .bench_worker import MAX_RUNS
 from .machine import cpu_info, git_commit
 from ..faces.scoring import normalise_gold, read_labeled_csv, score
+from ..paths import REFERENCE_PYTHON, RESULTS_DIR, ROOT, SHARED_DATA
 
-ROOT = Path(__file__).resolve().parents[2]        # the repository (for bench/, ../shared/, .venv-ref/)
 BENCH_SETTINGS = ("n_threads", "n_ctx", "sentiment_adapter", "sentiment_prompt")
 BASELINE_MISSING = 3  # exit status of measure/baseline.py when torch or transformers is not installed
 
@@ -46,7 +46,7 @@ BASELINE_MISSING = 3  # exit status of measure/baseline.py when torch or transfo
 class BenchSettings:
     """Defaults of the benchmark itself (the model's own knobs are in Settings)."""
 
-    data_dir: Path = field(default=ROOT.parent / "shared" / "data" / "sentiment", metadata={
+    data_dir: Path = field(default=SHARED_DATA, metadata={
         "help": "every *.csv (header label,text) here is an accuracy data set when --data is not given"})
     limit: int = field(default=0, metadata={"help": "rows per data set; 0 = all"})
     runs: int = field(default=MAX_RUNS, metadata={
@@ -56,9 +56,9 @@ class BenchSettings:
         "help": "timed chat turns (classify, then reply) per message length, in one conversation each"})
     reply_tokens: int = field(default=64, metadata={"help": "most new tokens of a timed reply"})
     seed: int = field(default=0, metadata={"help": "sampling seed of the timed replies"})
-    out: Path = field(default=ROOT / "bench" / "results", metadata={
+    out: Path = field(default=RESULTS_DIR, metadata={
         "help": "folder for <date>-<host>.json, .md and .png"})
-    baseline_python: Path = field(default=ROOT / ".venv-ref" / "bin" / "python", metadata={
+    baseline_python: Path = field(default=REFERENCE_PYTHON, metadata={
         "help": "Python with torch + transformers for --baseline (`make reference-env` builds it)"})
     baseline_limit: int = field(default=25, metadata={
         "help": "rows per data set for the baseline (about 1.5 s per text); 0 = all"})

@@ -23,8 +23,8 @@ from .machine import cpu_info, git_commit
 from .bench_worker import latency_summary, memory_mb, sample_texts
 from .evaluate import ece_of, flip_rate, predict, read_rows
 from ..faces.scoring import NEGATIVE, POSITIVE, score
+from ..paths import RESULTS_DIR, ROOT
 
-ROOT = Path(__file__).resolve().parents[2]
 PATHS = {"grammar": "off", "adapter": "auto"}
 
 
@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", nargs="+", default=[], metavar="CSV", help="labelled files (label,text)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--limit", type=int, default=None, help="only the first N rows of each file")
-    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    p.add_argument("--out", type=Path, default=RESULTS_DIR)
     p.add_argument("--worker", choices=tuple(PATHS), help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.worker:

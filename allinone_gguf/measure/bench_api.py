@@ -20,7 +20,8 @@ import threading
 import time
 from pathlib import Path
 
-from .app_process import ROOT, running_app
+from ..paths import RESULTS_DIR, ROOT
+from .app_process import running_app
 from .bench_serving import PROMPTS, percentile
 from .machine import cpu_info
 
@@ -150,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     result = run(args.model, args.threads, args.texts, args.chats)
     text = markdown(result)
     print(text)
-    path = ROOT / "bench" / "results" / f"api-{result['date']}-{args.model.stem}.json"
+    path = RESULTS_DIR / f"api-{result['date']}-{args.model.stem}.json"
     path.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     print(f"\nwritten: {path.relative_to(ROOT)}")
     return 0

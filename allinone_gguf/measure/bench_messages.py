@@ -24,7 +24,8 @@ import threading
 import time
 from pathlib import Path
 
-from .app_process import ROOT, free_port, running_app
+from ..paths import RESULTS_DIR, ROOT
+from .app_process import free_port, running_app
 from .bench_serving import PROMPTS, percentile
 from .machine import cpu_info, git_commit, rss_mb
 
@@ -169,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     result = measure(args.model, args.threads, args.users, args.rounds, args.tokens, args.llama_server)
     text = render(result)
     print(text)
-    path = ROOT / "bench" / "results" / f"messages-{result['date']}-{args.model.stem}.json"
+    path = RESULTS_DIR / f"messages-{result['date']}-{args.model.stem}.json"
     path.write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     print(f"\nwritten: {path.relative_to(ROOT)}")
     return 0

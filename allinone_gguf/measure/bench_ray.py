@@ -29,10 +29,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from .bench import ROOT
+from ..faces.shards import MANIFEST
+from ..paths import RESULTS_DIR, ROOT, SHARED_DATA
 from .machine import cpu_info
 
-DEFAULT_DATA = ROOT.parent / "shared/data/sentiment/train/waimai_10k.train2000.csv"
+DEFAULT_DATA = SHARED_DATA / "train" / "waimai_10k.train2000.csv"
 CONFIGS = (("local, 2 threads", "local", 1, 2), ("ray, 1 actor x 2 threads", "ray", 1, 2),
            ("ray, 2 actors x 1 thread", "ray", 2, 1))
 SUMMARY = re.compile(r"classified (\d+) texts in ([\d.]+) s")
@@ -69,7 +70,7 @@ def run_one(engine: str, actors: int, threads: int, data: Path, model: Path, wor
     if r.returncode:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{r.stderr[-2000:]}")
     if engine == "ray":
-        m = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
+        m = json.loads((out / MANIFEST).read_text(encoding="utf-8"))
         texts, rate = m["rows_out"] - m["rows_error"], m["engine"]["texts_per_second_after_first_rows"]
     else:
         found = SUMMARY.search(r.stdout + r.stderr)
@@ -99,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", type=Path, action="append",
                    help=f"CSV with a text column, repeatable (default: {DEFAULT_DATA})")
     p.add_argument("--texts", type=int, default=2000, help="texts per run (default: 2000)")
-    p.add_argument("--out", type=Path, default=ROOT / "bench/results", help="folder for the JSON report")
+    p.add_argument("--out", type=Path, default=RESULTS_DIR, help="folder for the JSON report")
     args = p.parse_args(argv)
     report = {"conditions": {**cpu_info(), "host": socket.gethostname(), "model": str(args.model),
                              "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),

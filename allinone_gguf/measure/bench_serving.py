@@ -22,9 +22,9 @@ import threading
 import time
 from pathlib import Path
 
+from ..paths import RESULTS_DIR, ROOT
 from .machine import cpu_info, rss_mb
 
-ROOT = Path(__file__).resolve().parents[2]
 PROMPTS = ["今天终于把拖了很久的报告写完了，感觉轻松多了。", "快递又延误了，客服也联系不上，真让人生气。",
            "周末和朋友去爬山，风景特别好。", "最近睡眠不太好，白天总是没精神。",
            "面试通过了，下周一就去新公司报到！", "排了一个小时的队，结果卖完了。",
@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("model", help="GGUF file")
     ap.add_argument("--threads", type=int, default=2, help="CPU threads (default: 2)")
     ap.add_argument("--tokens", type=int, default=64, help="new tokens per stream (default: 64)")
-    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results",
+    ap.add_argument("--out", type=Path, default=RESULTS_DIR,
                     help="folder for the JSON result (default: bench/results)")
     args = ap.parse_args(argv)
     if not Path(args.model).is_file():

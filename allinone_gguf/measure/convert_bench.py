@@ -25,12 +25,12 @@ from pathlib import Path
 
 import numpy as np
 
+from convert.defaults import gguf_name
 from convert.pipeline import DEFAULT_TYPES
 from convert.reference_files import reference_converter
 
+from ..paths import REFERENCE_PYTHON, ROOT
 from ..runtime.ceiling import teacher_forced_argmax
-
-ROOT = Path(__file__).resolve().parents[2]
 
 # Fixed texts for the agreement check, written for this purpose (not taken from any data set).
 TEXTS = [
@@ -71,7 +71,7 @@ def run_measured(cmd: list[str], cwd: Path | None = None) -> tuple[float, float]
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("checkout", type=Path)
-    ap.add_argument("--reference-python", type=Path, default=ROOT / ".venv-ref/bin/python")
+    ap.add_argument("--reference-python", type=Path, default=REFERENCE_PYTHON)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     args = ap.parse_args()
     py = sys.executable
@@ -94,7 +94,7 @@ def main() -> None:
         t, _ = run_measured([py, "-m", "convert", "all", str(args.checkout), "--out", str(tmp / "models")], cwd=ROOT)
         rows.append((f"python -m convert all ({' + '.join(DEFAULT_TYPES)})", f"{t:.1f} s", ""))
         folder = tmp / "models" / args.checkout.resolve().name
-        files = {q: next(folder.glob(f"*-{q}.gguf")) for q in DEFAULT_TYPES}
+        files = {q: folder / gguf_name(folder.name, q) for q in DEFAULT_TYPES}
         for q, f in files.items():
             rows.append((f"size {q}", f"{f.stat().st_size / 1e6:.0f} MB", ""))
         agree = {q: [] for q in DEFAULT_TYPES if q != "F16"}

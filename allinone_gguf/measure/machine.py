@@ -11,7 +11,7 @@ import platform
 import subprocess
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+from ..paths import ROOT
 
 
 def cpu_info() -> dict:

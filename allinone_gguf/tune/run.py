@@ -24,13 +24,15 @@ import sys
 import time
 from pathlib import Path
 
+from convert.defaults import MANIFEST
+
+from ..paths import TUNE_PYTHON
 from ..runtime.adapter import adapter_files, file_sha256, weights_identity, write_metadata
 from ..runtime.prompts import LABEL_SETS, SENTIMENT_PROMPTS
 from .config import TuneSettings
 from .data import build_examples, read_labelled
 from .memory import checkout_shape, estimate_peak_gb, pick_batch
 
-ROOT = Path(__file__).resolve().parents[2]
 TRAINER = Path(__file__).with_name("train_lora.py")
 
 
@@ -40,20 +42,19 @@ class TuneError(RuntimeError):
 
 def tune_python() -> Path:
     """The Python of the tuning environment (`make tune-env`), or ALLINONE_TUNE_PYTHON."""
-    path = Path(os.environ.get("ALLINONE_TUNE_PYTHON") or ROOT / ".venv-tune" / "bin" / "python")
-    if not path.exists():
-        raise TuneError(f"{path}: no tuning environment; `make tune-env` builds it (torch + peft, ~1 GB), or set "
+    if not TUNE_PYTHON.exists():
+        raise TuneError(f"{TUNE_PYTHON}: no tuning environment; `make tune-env` builds it (torch + peft, ~1 GB), or set "
                         "ALLINONE_TUNE_PYTHON")
-    return path
+    return TUNE_PYTHON
 
 
 def find_checkout(model: Path, hf: str | None) -> Path:
     """The Hugging Face checkout `model` was converted from: --hf, else the manifest beside the model."""
     from convert.download import DownloadError, resolve
     if hf is None:
-        manifest = model.parent / "manifest.json"
+        manifest = model.parent / MANIFEST
         if not manifest.is_file():
-            raise TuneError(f"{model.name} has no manifest.json beside it (not made by `make models`); pass --hf DIR, "
+            raise TuneError(f"{model.name} has no {MANIFEST} beside it (not made by `make models`); pass --hf DIR, "
                             "the Hugging Face checkout it was converted from")
         hf = json.loads(manifest.read_text(encoding="utf-8"))["source"]
     try:
