@@ -51,6 +51,27 @@ def assert_one_line_error(result: subprocess.CompletedProcess, out_dir: Path, *w
     assert not any(out_dir.rglob("*.gguf")) and not any(out_dir.rglob("*.tmp"))
 
 
+REFERENCE_PYTHON = Path(os.environ.get("ALLINONE_REFERENCE_PYTHON", ROOT / ".venv-ref/bin/python"))
+
+
+def need(path: Path, what: str, target: str) -> None:
+    """Skip the test when an optional environment is missing, with the command that builds it; under
+    `make test`, which builds them all, fail instead: a golden test never goes green by not running."""
+    if path.exists():
+        return
+    message = f"no {what} at {path}: run `make {target}`"
+    if REQUIRE_PROXY:
+        pytest.fail(f"{message} (make test builds it, so its absence is a failure)", pytrace=False)
+    pytest.skip(message)
+
+
+@pytest.fixture
+def reference_python() -> Path:
+    """The Python of the reference environment (torch + transformers: llama.cpp's own converters)."""
+    need(REFERENCE_PYTHON, "reference environment", "reference-env")
+    return REFERENCE_PYTHON
+
+
 @pytest.fixture(scope="session")
 def vocab_dir() -> Path:
     return fetch_vocab(CACHE / "vocab")

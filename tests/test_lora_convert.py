@@ -26,7 +26,6 @@ from convert.lora_to_gguf import AdapterError, convert_lora_to_gguf
 from allinone_gguf.runtime.quantize import quantize_gguf
 from convert.reference_files import reference_lora_converter
 from convert.safetensors_np import SafetensorsFile
-from test_reference_converter import REFERENCE_PYTHON
 from tinylora import ATTENTION, MLP, build_adapter, read_adapter
 from tinymodel import FLAVOURS, build_checkout, write_safetensors
 
@@ -236,10 +235,8 @@ def reference_checkouts(tiny_checkout, vocab_dir, tmp_path_factory):
     return get
 
 
-@pytest.mark.skipif(not REFERENCE_PYTHON.is_file(),
-                    reason=f"no reference environment at {REFERENCE_PYTHON}: run `make reference-env`")
 @pytest.mark.parametrize("variant", list(REFERENCE_VARIANTS))
-def test_same_lora_gguf_as_reference_converter(variant, reference_checkouts, tmp_path):
+def test_same_lora_gguf_as_reference_converter(variant, reference_checkouts, tmp_path, reference_python):
     checkout_options, adapter_options, outtype = REFERENCE_VARIANTS[variant]
     checkout = reference_checkouts(checkout_options)
     folder = build_adapter(checkout, tmp_path / f"{variant}-lora", **adapter_options)
@@ -247,7 +244,7 @@ def test_same_lora_gguf_as_reference_converter(variant, reference_checkouts, tmp
     r = run_convert("lora", str(folder), str(checkout), str(ours), "--outtype", outtype)
     assert r.returncode == 0, r.stderr
     script = reference_lora_converter(CACHE / "vocab")
-    p = subprocess.run([str(REFERENCE_PYTHON), str(script), str(folder), "--base", str(checkout),
+    p = subprocess.run([str(reference_python), str(script), str(folder), "--base", str(checkout),
                         "--outtype", outtype.lower(), "--outfile", str(ref)],
                        capture_output=True, text=True, timeout=600, cwd=script.parent)
     assert p.returncode == 0, p.stderr[-3000:]

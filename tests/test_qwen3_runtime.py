@@ -54,9 +54,14 @@ def test_a_second_turn_reuses_the_first_on_qwen3(bot):
 
 
 def test_thinking_may_be_allowed_and_stays_hidden(tiny_qwen3_models):
+    # Random weights never think on their own: a grammar makes the model write a thinking block, token by token
+    # (<think> is one token of Qwen3's vocabulary), so the filter has something to hide.
+    thinking = 'root ::= "<think>" "\\n让我想想" "</think>" "\\n\\n" "你好"'
     with AllInOne(tiny_qwen3_models["Q8_0"], n_threads=1, n_ctx=1024, max_tokens=16, thinking=True) as b:
-        reply = b.reply("你好", seed=1)
-        assert "<think>" not in reply and "</think>" not in reply
+        assert b.reply("你好", seed=1, grammar=thinking, max_tokens=64) == "你好"   # any tokenization: bytes too
+        with b.stream_reply("你好", seed=1, grammar=thinking, max_tokens=64) as stream:
+            pieces = list(stream)
+        assert stream.usage["completion_tokens"] >= 4 and "".join(pieces) == "你好"
 
 
 def test_the_api_serves_qwen3_without_think_text(tiny_qwen3_models):

@@ -6,26 +6,26 @@ Qwen3-style (tied and untied, one file and sharded; one without head_dim in conf
 The reference (`convert_hf_to_gguf.py --outtype f16` of the llama.cpp vendored in the pinned
 llama-cpp-python) needs torch and transformers, which the product does not have: it runs in the optional
 environment `make reference-env` builds (.venv-ref), or in ALLINONE_REFERENCE_PYTHON. `make test` builds it
-first, so a full test run always runs this test; elsewhere it is skipped with that reason.
+first, and there a missing one fails this test; elsewhere it is skipped with that reason.
 """
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from conftest import CACHE, ROOT, run_convert
+from conftest import CACHE, REFERENCE_PYTHON, run_convert
 from convert.compare import OUR_KEYS, differences
 from convert.reference_files import reference_converter
 from tinymodel import build_checkout
 
-REFERENCE_PYTHON = Path(os.environ.get("ALLINONE_REFERENCE_PYTHON", ROOT / ".venv-ref/bin/python"))
 
-pytestmark = pytest.mark.skipif(not REFERENCE_PYTHON.is_file(),
-                                reason=f"no reference environment at {REFERENCE_PYTHON}: run `make reference-env`")
+
+@pytest.fixture(autouse=True)
+def _needs_the_reference(reference_python):   # skipped without it, a failure under `make test`
+    pass
 
 VARIANTS = {
     "qwen1.5-bf16-tied": dict(),

@@ -27,10 +27,9 @@ from allinone_gguf.runtime.adapter import (WEIGHTS_KEY, adapter_files, file_sha2
 from allinone_gguf.tune.data import TRAIN_INJECTIONS, build_examples, inject
 from allinone_gguf.tune.memory import checkout_shape, estimate_peak_gb, pick_batch
 from allinone_gguf.tune.run import fit_temperature
-from conftest import CACHE, QUANTS, REQUIRE_PROXY, ROOT, run_convert
+from conftest import CACHE, QUANTS, ROOT, need, run_convert
 from convert.compare import differences
 from convert.reference_files import reference_lora_converter
-from test_reference_converter import REFERENCE_PYTHON
 from tinylora import build_adapter
 from tinymodel import build_checkout
 
@@ -43,11 +42,7 @@ TEXTS = [(1, "味道很好，下次还来。"), (0, "送餐太慢了，菜都凉
 
 
 def need_tune_env() -> None:
-    if not TUNE_PYTHON.exists():
-        message = f"no tuning environment at {TUNE_PYTHON}: run `make tune-env`"
-        if REQUIRE_PROXY:     # under `make test`, which builds it: missing is a failure
-            pytest.fail(message)
-        pytest.skip(message)
+    need(TUNE_PYTHON, "tuning environment", "tune-env")     # a failure under `make test`, which builds it
 
 
 def write_csv(path: Path, rows: list[tuple[int, str]]) -> Path:
@@ -316,14 +311,12 @@ def test_tune_end_to_end_writes_an_adapter_the_runtime_uses(tuned):
     assert s.source == "adapter" and abs(sum(s.probs.values()) - 1) < 1e-6
 
 
-@pytest.mark.skipif(not REFERENCE_PYTHON.is_file(),
-                    reason=f"no reference environment at {REFERENCE_PYTHON}: run `make reference-env`")
-def test_trained_adapter_converts_byte_identical_to_the_reference(tuned, tiny_checkout, tmp_path):
+def test_trained_adapter_converts_byte_identical_to_the_reference(tuned, tiny_checkout, tmp_path, reference_python):
     *_, tmp = tuned
     peft = tmp / "work" / "peft"
     ref = tmp_path / "ref.gguf"
     script = reference_lora_converter(CACHE / "vocab")
-    p = subprocess.run([str(REFERENCE_PYTHON), str(script), str(peft), "--base", str(tiny_checkout),
+    p = subprocess.run([str(reference_python), str(script), str(peft), "--base", str(tiny_checkout),
                         "--outtype", "f16", "--outfile", str(ref)],
                        capture_output=True, text=True, timeout=600, cwd=script.parent)
     assert p.returncode == 0, p.stderr[-3000:]
@@ -388,7 +381,16 @@ def test_bench_adapter_reports_both_paths_side_by_side(model, tiny_checkout, tmp
     g, a = report["paths"]["grammar"], report["paths"]["adapter"]
     assert g["source"] == "grammar" and a["source"] == "adapter" and a["adapter_bytes"] > 0 == g["adapter_bytes"]
     assert g["data"]["dev.csv"]["n"] == a["data"]["dev.csv"]["n"] == len(TEXTS)
-    assert 0 <= a["data"]["dev.csv"]["flips"] <= 1 and a["latency"]["short"]["p50_ms"] > 0
+    assert a["latency"]["short"]["p50_ms"] > 0
+    # the flips, counted here on our own: an appended instruction asking for the other label
+    from allinone_gguf.measure.evaluate import INJECTION
+    with AllInOne(model, n_threads=2) as bot:
+        labels = [s.label for s in bot.classify_many([text for _, text in TEXTS])]
+        other = {"正面": "负面", "负面": "正面"}
+        injected = bot.classify_many([text + INJECTION["zh"].format(label=other[lab])
+                                      for (_, text), lab in zip(TEXTS, labels)])
+    flips = sum(s.label != lab for s, lab in zip(injected, labels)) / len(TEXTS)
+    assert abs(a["data"]["dev.csv"]["flips"] - flips) <= 1 / len(TEXTS)   # a near-tie may round the other way
     assert "| dev.csv | adapter |" in r.stdout and "adapter / grammar" in r.stdout
 
 
