@@ -1,6 +1,6 @@
 """One llama.cpp model and context whose KV cache holds several independent sequences, each remembering its tokens.
 
-    >>> from allinone_gguf.backend import Backend
+    >>> from allinone_gguf.runtime.backend import Backend
     >>> b = Backend("model.gguf", n_ctx=1024, n_threads=2, n_seq=2)           # doctest: +SKIP
     >>> row = b.prefill(1, b.tokenize("<|im_start|>user\\nhi", special=True))  # doctest: +SKIP
     >>> row.shape                                                              # doctest: +SKIP

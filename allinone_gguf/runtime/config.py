@@ -2,7 +2,7 @@
 
 CLI flags and UI controls are derived from the fields and their `help` metadata:
 
-    >>> from allinone_gguf.config import Settings, field_help
+    >>> from allinone_gguf.runtime.config import Settings, field_help
     >>> Settings(n_threads=2).temperature, field_help("max_tokens")
     (0.7, 'most new tokens in one reply')
 """
@@ -47,7 +47,7 @@ class Settings:
     seed: int | None = field(default=None, metadata={
         "help": "sampling seed for reproducible replies; None = random"})
     sentiment_prompt: str = field(default="fewshot", metadata={
-        "help": "sentiment prompt variant from allinone_gguf.prompts.SENTIMENT_PROMPTS"})
+        "help": "sentiment prompt variant from allinone_gguf/runtime/prompts.py (SENTIMENT_PROMPTS)"})
     sentiment_tokens: int = field(default=256, metadata={
         "help": "longest text the sentiment role reads, in tokens; longer texts keep their head and tail"})
     sentiment_adapter: str = field(default="auto", metadata={

@@ -1,6 +1,6 @@
 """The words of both roles: label sets with their GBNF grammar, sentiment prompt variants, chat prompts.
 
-    >>> from allinone_gguf.prompts import LABEL_SETS, SENTIMENT_GRAMMAR
+    >>> from allinone_gguf.runtime.prompts import LABEL_SETS, SENTIMENT_GRAMMAR
     >>> LABEL_SETS["zh"], SENTIMENT_GRAMMAR["zh"]
     (('正面', '负面'), 'root ::= "正面" | "负面"')
 
