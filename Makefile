@@ -35,6 +35,17 @@ NO_AMX   := -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
 LLAMA_CMAKE_ARGS ?= -DCMAKE_C_FLAGS='$(NO_AMX)' -DCMAKE_CXX_FLAGS='$(NO_AMX)'
 endif
 WHEELHOUSE ?= $(HOME)/.cache/allinone-gguf/wheels-noamx
+# make llama-server: llama.cpp's own llama-server and llama-batched-bench, built from the llama.cpp that the
+# llama-cpp-python sdist vendors (the same sources as the wheel: Release, CPU only, -march=native without AMX,
+# static, no curl/OpenSSL, no web UI so nothing is fetched at build time), as a reference to measure the app
+# against (docs/llama-server.md). The sdist is the one the golden tests use (convert/reference_files.py).
+LLAMA_CPP_HOME ?= $(HOME)/.cache/allinone-gguf/llama.cpp-$(LLAMA_CPP_VERSION)
+LLAMA_SDIST_DIR ?= .cache/vocab/llama-cpp-python-$(LLAMA_CPP_VERSION)
+LLAMA_TOOLS := llama-server llama-batched-bench
+LLAMA_BUILD_JOBS ?= 2
+LLAMA_TOOLS_CMAKE_ARGS := -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF -DGGML_NATIVE=ON -DLLAMA_CURL=OFF \
+  -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_BUILD_TESTS=OFF \
+  -DLLAMA_BUILD_COMMIT=llama-cpp-python-$(LLAMA_CPP_VERSION) $(LLAMA_CMAKE_ARGS)
 # make bench: the default model's Q4_K_M and Q8_0 (and F16 when present), or MODEL="a.gguf b.gguf".
 # DATA="a.csv b.csv" picks the accuracy sets (default: ../shared/data/sentiment/*.csv); BENCH_ARGS passes more flags.
 DEFAULT_BENCH := $(call model_file,Q4_K_M) $(call model_file,Q8_0)
@@ -68,6 +79,7 @@ help:
 	@echo "make bench-ray [MODEL=x]   texts/s of classify, local vs Ray (1 actor x 2 threads, 2 x 1) on 2,000 texts"
 	@echo "make bench-api [MODEL=x]   the app as a server: 413/400 bounds, a chat's first token during a 2,000-text classify, json_schema replies"
 	@echo "make bench-messages [MODEL=x] each message's label + reply over HTTP for 1, 4, 8 users, beside llama-server's bare reply"
+	@echo "make llama-server          llama.cpp's own llama-server and llama-batched-bench from the vendored sources, CPU, no AMX -> $(LLAMA_CPP_HOME)/bin/ (~10 min once)"
 	@echo "make clean                 remove built models and caches (keeps the virtual env)"
 
 setup: $(VENV)/.installed
@@ -173,6 +185,46 @@ tune: setup tune-env
 # The adapter beside MODEL (default: the app's model) against the grammar path, on the Chinese dev files.
 bench-adapter: setup
 	$(PYTHON) -m allinone_gguf.measure.bench_adapter "$(TUNE_MODEL)" --data $(or $(DATA),$(TUNE_DEV))
+
+# llama.cpp's own binaries, built once into LLAMA_CPP_HOME (outside the repo; the stamp makes a rerun instant).
+.PHONY: llama-server
+llama-server: $(LLAMA_CPP_HOME)/bin/.built
+	@for t in $(LLAMA_TOOLS); do echo "$(LLAMA_CPP_HOME)/bin/$$t"; done
+
+$(LLAMA_CPP_HOME)/bin/.built:
+	@set -e; \
+	need=; command -v cmake >/dev/null || need="cmake"; \
+	command -v c++ >/dev/null || command -v g++ >/dev/null || need="$$need g++"; \
+	if [ -n "$$need" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "== Debian packages to build llama.cpp:$$(echo ' '$$need)"; \
+	    DEBIAN_FRONTEND=noninteractive apt-get update -qq; \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$need >/dev/null; \
+	  else \
+	    echo "error: make llama-server needs$$(echo ' '$$need) (a C++ compiler and cmake >= 3.14);" \
+	         "install them with: sudo apt-get install$$(echo ' '$$need)" >&2; exit 1; \
+	  fi; \
+	fi; \
+	sdist=$$(ls $(LLAMA_SDIST_DIR)/llama_cpp_python-$(LLAMA_CPP_VERSION).tar.gz 2>/dev/null || true); \
+	if [ -z "$$sdist" ]; then \
+	  echo "== llama-cpp-python $(LLAMA_CPP_VERSION) source package -> $(LLAMA_SDIST_DIR)"; \
+	  $(if $(wildcard $(PYTHON)),$(PYTHON),$(PY)) -m pip download -q --no-deps --no-binary :all: \
+	    -d $(LLAMA_SDIST_DIR) llama-cpp-python==$(LLAMA_CPP_VERSION); \
+	  sdist=$(LLAMA_SDIST_DIR)/llama_cpp_python-$(LLAMA_CPP_VERSION).tar.gz; \
+	fi; \
+	echo "== vendor/llama.cpp of $$sdist -> $(LLAMA_CPP_HOME)/src"; \
+	rm -rf $(LLAMA_CPP_HOME)/src; mkdir -p $(LLAMA_CPP_HOME)/src; \
+	tar -xzf $$sdist -C $(LLAMA_CPP_HOME)/src --strip-components=3 \
+	  llama_cpp_python-$(LLAMA_CPP_VERSION)/vendor/llama.cpp; \
+	echo "== cmake: building $(LLAMA_TOOLS) (about 10 minutes on 2 cores, once)"; \
+	start=$$(date +%s); \
+	cmake -S $(LLAMA_CPP_HOME)/src -B $(LLAMA_CPP_HOME)/build $(LLAMA_TOOLS_CMAKE_ARGS) >$(LLAMA_CPP_HOME)/cmake.log 2>&1 || \
+	  { tail -n 30 $(LLAMA_CPP_HOME)/cmake.log >&2; echo "error: cmake configure failed, see $(LLAMA_CPP_HOME)/cmake.log" >&2; exit 1; }; \
+	cmake --build $(LLAMA_CPP_HOME)/build --config Release --target $(LLAMA_TOOLS) -j $(LLAMA_BUILD_JOBS); \
+	mkdir -p $(LLAMA_CPP_HOME)/bin; \
+	for t in $(LLAMA_TOOLS); do install -m 755 $(LLAMA_CPP_HOME)/build/bin/$$t $(LLAMA_CPP_HOME)/bin/$$t; done; \
+	echo "== built in $$(( $$(date +%s) - start )) s: $$($(LLAMA_CPP_HOME)/bin/llama-server --version 2>&1 | head -n 1)"; \
+	touch $@
 
 clean:
 	rm -rf $(MODELS) .cache build *.egg-info
