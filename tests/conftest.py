@@ -51,6 +51,33 @@ def assert_one_line_error(result: subprocess.CompletedProcess, out_dir: Path, *w
     assert not any(out_dir.rglob("*.gguf")) and not any(out_dir.rglob("*.tmp"))
 
 
+class FakeRuntime:
+    """Base of every test's fake model. Subclasses write only the behaviour they need, and each public method they
+    define must take its arguments as `AllInOne`'s method of that name does (the same names, in the same order,
+    a subset): a fake that drifts from the real signature fails at import, not in production."""
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        import inspect
+
+        from allinone_gguf import AllInOne
+        for name, fake in vars(cls).items():
+            real = getattr(AllInOne, name, None)
+            if name.startswith("_") or not callable(fake) or not callable(real):
+                continue
+            kinds = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+            ours = [p for p in inspect.signature(fake).parameters if p != "self"
+                    and inspect.signature(fake).parameters[p].kind not in kinds]
+            theirs = [p for p, v in inspect.signature(real).parameters.items() if p != "self" and v.kind not in kinds]
+            takes_options = any(v.kind == inspect.Parameter.VAR_KEYWORD
+                                for v in inspect.signature(real).parameters.values())
+            order = [theirs.index(p) for p in ours if p in theirs]
+            unknown = [p for p in ours if p not in theirs]
+            if order != sorted(order) or (unknown and not takes_options):
+                raise TypeError(f"{cls.__name__}.{name}{inspect.signature(fake)} does not match "
+                                f"AllInOne.{name}{inspect.signature(real)}")
+
+
 REFERENCE_PYTHON = Path(os.environ.get("ALLINONE_REFERENCE_PYTHON", ROOT / ".venv-ref/bin/python"))
 
 

@@ -5,6 +5,7 @@ import gradio as gr
 import pytest
 
 import app
+from conftest import FakeRuntime
 from allinone_gguf.faces import sessions
 from allinone_gguf.faces.ui_helpers import BADGE_RE, badge
 
@@ -19,7 +20,7 @@ class FakeSentiment:
 
 
 @dataclass
-class FakeBot:
+class FakeBot(FakeRuntime):
     """Records loads, calls and closes; respond's stream yields `pieces` and notes when it was closed."""
     model_path: object
     settings: object = None
@@ -196,3 +197,14 @@ def test_session_queue_keeps_every_message_in_order_and_one_turn_loop():
     s.chat = [{"role": "user", "content": "一"}]
     s.push("三")
     assert s.take_waiting(clear_chat=True) == "三" and s.chat == [] and s.shown() == []
+
+
+def test_a_fake_that_drifts_from_the_runtime_fails_at_once():
+    with pytest.raises(TypeError, match="does not match AllInOne.classify"):
+        class Swapped(FakeRuntime):
+            def classify(self, labels, text):
+                pass
+    with pytest.raises(TypeError, match="does not match AllInOne.label_set"):
+        class Renamed(FakeRuntime):
+            def label_set(self, lang=None):
+                pass

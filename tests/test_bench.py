@@ -11,10 +11,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import FakeRuntime
 
 import allinone_gguf.runtime
 from allinone_gguf.measure import bench, bench_report, bench_worker
-from allinone_gguf.faces.scoring import read_labeled_csv
+from allinone_gguf.scoring import read_labeled_csv
 
 ROOT = Path(__file__).resolve().parent.parent
 LENGTHS = ("short", "medium", "long")
@@ -117,7 +118,7 @@ def test_ratios_and_markdown_compare_with_the_biggest_file():
 
 # ------------------------------------------------------------------------------------ logic: fake model
 
-class FakeBot:
+class FakeBot(FakeRuntime):
     """Answers 正面 exactly for texts containing "好"; replies with four pieces; counts tokens as llama.cpp would
     for such a reply: PROMPT_TOKENS decoded in a batch, then one decode per piece after the first."""
 

@@ -12,11 +12,12 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import FakeRuntime
 
 from allinone_gguf.faces import classify_common, cli, flags
 from allinone_gguf.runtime import BRANCHES
 from allinone_gguf.runtime.config import Settings
-from allinone_gguf.faces.scoring import normalise_gold
+from allinone_gguf.scoring import normalise_gold
 from allinone_gguf.faces.rowio import count_done, detect_format, read_records
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -186,7 +187,7 @@ class FakeSentiment:
         self.source = "grammar"
 
 
-class FakeBot:
+class FakeBot(FakeRuntime):
     """Queued replies; a reply may raise KeyboardInterrupt after some pieces (a user's Ctrl-C)."""
 
     def __init__(self, replies):

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import FakeRuntime
 
 import allinone_gguf.runtime
 from allinone_gguf import AllInOne
@@ -24,13 +25,13 @@ def write_set(path: Path, rows) -> Path:
     return path
 
 
-class FakeBot:
+class FakeBot(FakeRuntime):
     """Margin +2 for texts with 好, -1 otherwise; an appended injection wins only where the text has a "!"."""
 
     def __init__(self, path, **settings):
         self.settings = allinone_gguf.runtime.Settings(**settings)
 
-    def label_set(self, lang=None):
+    def label_set(self, labels=None):
         return ("正面", "负面")
 
     def classify(self, text, labels=None):

@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import openai
 import pytest
+from conftest import FakeRuntime
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
@@ -166,7 +167,7 @@ def test_a_client_that_goes_away_frees_its_slot(server):
 
 
 # -- error mapping, on a fake runtime ---------------------------------------------------------------------------
-class RefusingBot:
+class RefusingBot(FakeRuntime):
     load = {"waiting": 0, "streams": 0, "slots": 1, "max_queue": 1}
 
     def __init__(self, error):
