@@ -1,4 +1,4 @@
-"""Accuracy, per-class recall and a confusion table for binary sentiment labels.
+"""Accuracy, per-class recall and a confusion table for binary sentiment labels, and the one `label,text` reader.
 
     >>> s = score(["正面", "负面"], ["正面", "正面"])
     >>> s.accuracy, s.recall["负面"]
@@ -6,7 +6,9 @@
 
 Gold labels arrive in the forms the data sets use (1/0, 正面/负面, positive/negative); `normalise_gold`
 maps them onto the canonical Chinese labels so every caller counts the same way; `read_labeled_csv` is the
-one reader of those `label,text` files (the bench and the accuracy script use it).
+one reader of those `label,text` files (the bench, the accuracy script and the tune step use it). Standard
+library only, and beside the layers rather than in one: the faces, the measurement and the tune step all count
+with it.
 """
 from __future__ import annotations
 
@@ -30,10 +32,17 @@ def normalise_gold(value: object) -> str:
     return _GOLD_FORMS[key]
 
 
-def read_labeled_csv(path: str | Path, limit: int = 0) -> list[tuple[str, str]]:
+EMPTY_TEXT = ("keep", "skip", "error")   # what read_labeled_csv does with a row whose text is blank
+
+
+def read_labeled_csv(path: str | Path, limit: int = 0, empty: str = "keep") -> list[tuple[str, str]]:
     """(gold label as 正面/负面, text) for each row of a CSV whose header has `label` and `text` (the data sets'
-    form); limit > 0 keeps the first rows. A missing column or an unreadable label is a ValueError naming
-    the file (and the line)."""
+    form; a UTF-8 BOM is fine); limit > 0 keeps the first rows. A row whose text is blank is kept (`empty`
+    "keep": the bench counts it), left out ("skip": the accuracy script) or an error ("error": training).
+    A missing column, an unreadable label or (with "error") a blank text is a ValueError naming the file and
+    the line."""
+    if empty not in EMPTY_TEXT:
+        raise ValueError(f"empty must be one of {', '.join(EMPTY_TEXT)}, not {empty!r}")
     rows: list[tuple[str, str]] = []
     with open(path, encoding="utf-8-sig", newline="") as f:
         reader = csv.DictReader(f)
@@ -45,7 +54,12 @@ def read_labeled_csv(path: str | Path, limit: int = 0) -> list[tuple[str, str]]:
                 gold = normalise_gold(row["label"])
             except ValueError as exc:
                 raise ValueError(f"{path}, line {reader.line_num}: {exc}") from None
-            rows.append((gold, row["text"] or ""))
+            text = row["text"] or ""
+            if not text.strip() and empty != "keep":
+                if empty == "error":
+                    raise ValueError(f"{path}, line {reader.line_num}: empty text")
+                continue
+            rows.append((gold, text))
             if limit and len(rows) >= limit:
                 break
     return rows

@@ -33,6 +33,8 @@ from typing import Callable
 import gguf
 import numpy as np
 
+from allinone_gguf.runtime import AdapterError   # one class for "this adapter cannot be used", converted or loaded
+
 from .hf_to_gguf import (OUTTYPES, SUPPORTED_ARCHITECTURES, write_tensor, add_general_metadata, model_arch,
                          read_config, write_gguf)
 from .safetensors_np import CheckpointError, SafetensorsFile, TensorRef, checkpoint_tensors
@@ -46,10 +48,6 @@ PEFT_PREFIX = "base_model.model."
 LORA_A_MARKS = (".lora_A.weight", ".lora_embedding_A")
 LORA_B_MARKS = (".lora_B.weight", ".lora_embedding_B")
 GGUF_ARCHS = {gguf.MODEL_ARCH_NAMES[a]: a for a in SUPPORTED_ARCHITECTURES.values()}
-
-
-class AdapterError(ValueError):
-    """An adapter that cannot be converted (or not for this base); the message names the file and the problem."""
 
 
 @dataclass(frozen=True)

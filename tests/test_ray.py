@@ -186,7 +186,7 @@ def test_user_mistakes_are_one_line_errors(model, tmp_path):
     r = classify(tmp_path / "a.csv", tmp_path / "a.csv", "-o", tmp_path / "o.csv", "--model", model)
     assert r.returncode == 2 and "local engine reads one INPUT" in r.stderr
     r = classify(tmp_path / "a.csv", "--engine", "ray", "--shard-rows", "100", "-o", tmp_path / "o", "--model", model)
-    assert r.returncode == 2 and "multiple of 16" in r.stderr
+    assert r.returncode == 2 and f"multiple of {ray_classify.ROWS_PER_BLOCK}" in r.stderr
     # a model whose bytes differ from its manifest.json is refused before Ray starts
     copy = tmp_path / "m" / model.name
     copy.parent.mkdir()

@@ -8,7 +8,7 @@ user error both print.
 """
 from __future__ import annotations
 
-from .scoring import normalise_gold, score
+from ..scoring import normalise_gold, score
 
 # Settings fields the classify command exposes as flags (the sentiment role needs no sampling knobs).
 CLASSIFY_SETTINGS = ("n_threads", "n_ctx", "labels", "sentiment_adapter", "sentiment_prompt", "sentiment_tokens",

@@ -23,7 +23,7 @@ from pathlib import Path
 from ..runtime.config import Settings
 from .defaults import DEFAULT_MODEL
 from .classify_common import CLASSIFY_SETTINGS, UserError, classify_group, print_gold
-from .scoring import NEGATIVE, normalise_gold
+from ..scoring import NEGATIVE, normalise_gold
 from .flags import add_settings_arguments, overrides
 from .ray_classify import add_engine_arguments, local_input, run_classify_ray
 from .rowio import RowWriter, count_done, detect_format, open_text, output_header, read_records, read_rows

@@ -16,7 +16,6 @@ Ray is an optional extra: `pip install -e '.[ray]'` or `make ray-env`.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import socket
@@ -38,7 +37,6 @@ from .shards import (MANIFEST, OUTPUT_FORMATS, SHARD_PREFIX, Chunk, InputFile, M
 INSTALL_HINT = "--engine ray needs Ray: pip install -e '.[ray]' (or: make ray-env)"
 ROWS_PER_BLOCK = 64        # rows in one actor task: the unit Ray retries when an actor dies
 READERS = 4                # reading tasks at a time: each reads a block in milliseconds, far ahead of the models
-SHA_CHUNK = 1 << 24        # bytes read at a time while hashing the model
 
 
 @dataclass(frozen=True)
@@ -51,7 +49,8 @@ class RaySettings:
     actors: int | None = field(default=None, metadata={
         "help": "model copies (Ray actors), each loaded once; none = the cluster's CPUs // --threads"})
     shard_rows: int = field(default=4096, metadata={
-        "help": "input rows per output shard, a multiple of 16; --resume keeps whole shards"})
+        "help": f"input rows per output shard, a multiple of {ROWS_PER_BLOCK} (the rows of one Ray task); "
+                "--resume keeps whole shards"})
     output_format: str | None = field(default=None, metadata={
         "help": "shard files: csv, jsonl or parquet; none = parquet for Parquet inputs, jsonl when any input "
                 "is JSONL, else csv"})
@@ -64,8 +63,9 @@ class RaySettings:
     def __post_init__(self) -> None:
         if self.actors is not None and self.actors < 1:
             raise ValueError(f"--actors must be at least 1, not {self.actors}")
-        if self.shard_rows < 16 or self.shard_rows % 16:
-            raise ValueError(f"--shard-rows must be a positive multiple of 16, not {self.shard_rows}")
+        # Whole Ray tasks per shard (plan_shards cuts both); a task's rows reach the model BRANCHES at a time.
+        if self.shard_rows < ROWS_PER_BLOCK or self.shard_rows % ROWS_PER_BLOCK:
+            raise ValueError(f"--shard-rows must be a positive multiple of {ROWS_PER_BLOCK}, not {self.shard_rows}")
         if self.output_format not in (None, *OUTPUT_FORMATS):
             raise ValueError(f"--output-format must be one of {', '.join(OUTPUT_FORMATS)}")
 
@@ -96,17 +96,10 @@ def local_input(args: argparse.Namespace) -> str:
 
 # ------------------------------------------------------------------------------------------------ model check
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(SHA_CHUNK):
-            h.update(block)
-    return h.hexdigest()
-
-
 def expected_sha256(model: Path) -> tuple[str, str]:
     """(sha256, where it came from): the `make models` manifest beside the model when it lists the file
     (checked against the file here too), else the hash of the file on this machine."""
+    from ..runtime import file_sha256      # here: the runtime's adapter module loads gguf and numpy
     manifest = model.parent / MODELS_MANIFEST
     if manifest.is_file():
         outputs = json.loads(manifest.read_text(encoding="utf-8")).get("outputs", {})
@@ -134,10 +127,10 @@ class _Classifier:
         host = socket.gethostname()
         if not Path(model).is_file():
             raise ModelMismatch(f"{model}: not found on node {host}; put the model at this path on every node")
+        from ..runtime import AllInOne, file_sha256
         if file_sha256(Path(model)) != sha256:
             raise ModelMismatch(f"{model} on node {host} has another sha256 than {sha256[:12]}...; copy the "
                                 "same file to every node")
-        from ..runtime import AllInOne
         self.bot = AllInOne(model, **settings)
 
     def __call__(self, batch: dict) -> dict:

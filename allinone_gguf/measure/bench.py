@@ -33,9 +33,9 @@ from pathlib import Path
 
 from ..faces.classify_common import UserError
 from ..faces.flags import add_dataclass_arguments, add_settings_arguments, overrides
-from .bench_worker import MAX_RUNS
+from .bench_worker import MAX_RUNS, REPLY_TOKENS
 from .machine import cpu_info, git_commit
-from ..faces.scoring import normalise_gold, read_labeled_csv, score
+from ..scoring import normalise_gold, read_labeled_csv, score
 from ..paths import REFERENCE_PYTHON, RESULTS_DIR, ROOT, SHARED_DATA
 
 BENCH_SETTINGS = ("n_threads", "n_ctx", "sentiment_adapter", "sentiment_prompt")
@@ -54,7 +54,7 @@ class BenchSettings:
                 "sample text), after the warm-up"})
     turns: int = field(default=4, metadata={
         "help": "timed chat turns (classify, then reply) per message length, in one conversation each"})
-    reply_tokens: int = field(default=64, metadata={"help": "most new tokens of a timed reply"})
+    reply_tokens: int = field(default=REPLY_TOKENS, metadata={"help": "most new tokens of a timed reply"})
     seed: int = field(default=0, metadata={"help": "sampling seed of the timed replies"})
     out: Path = field(default=RESULTS_DIR, metadata={
         "help": "folder for <date>-<host>.json, .md and .png"})

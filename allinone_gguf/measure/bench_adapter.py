@@ -21,8 +21,8 @@ from pathlib import Path
 
 from .machine import cpu_info, git_commit
 from .bench_worker import latency_summary, memory_mb, sample_texts
-from .evaluate import ece_of, flip_rate, predict, read_rows
-from ..faces.scoring import NEGATIVE, POSITIVE, score
+from .evaluate import ece_of, flip_rate, predict
+from ..scoring import NEGATIVE, POSITIVE, read_labeled_csv, score
 from ..paths import RESULTS_DIR, ROOT
 
 PATHS = {"grammar": "off", "adapter": "auto"}
@@ -53,7 +53,7 @@ def measure(model: str, path: str, data: list[str], threads: int, limit: int | N
         out["source"] = s.source
         out["data"] = {}
         for name in data:
-            rows = read_rows(Path(name), limit)
+            rows = read_labeled_csv(name, limit or 0, empty="skip")
             t0 = time.perf_counter()
             found = bot.classify_many([t for _, t in rows])
             seconds = time.perf_counter() - t0

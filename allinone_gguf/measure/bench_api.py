@@ -22,7 +22,8 @@ from pathlib import Path
 
 from ..paths import RESULTS_DIR, ROOT
 from .app_process import running_app
-from .bench_serving import PROMPTS, percentile
+from .bench_serving import PROMPTS
+from .bench_worker import percentile
 from .machine import cpu_info
 
 KEY = "bench"
@@ -102,9 +103,9 @@ def run(model: Path, threads: int, n_texts: int, n_chats: int) -> dict:
         worker.join()
         out["fairness"] = {
             "chats": n_chats, "texts": n_texts,
-            "ttft_alone_p50_s": round(percentile(alone, 0.5), 3), "ttft_alone_p95_s": round(percentile(alone, 0.95), 3),
-            "ttft_during_classify_p50_s": round(percentile(busy, 0.5), 3) if busy else None,
-            "ttft_during_classify_p95_s": round(percentile(busy, 0.95), 3) if busy else None,
+            "ttft_alone_p50_s": round(percentile(alone, 50), 3), "ttft_alone_p95_s": round(percentile(alone, 95), 3),
+            "ttft_during_classify_p50_s": round(percentile(busy, 50), 3) if busy else None,
+            "ttft_during_classify_p95_s": round(percentile(busy, 95), 3) if busy else None,
             "chats_measured_during_classify": len(busy), "all_chats_overlapped_the_classify": overlapped,
             "classify_status": result.get("status"), "classify_seconds": round(result.get("seconds", 0), 1),
             "classify_texts_per_s_alone": round(alone_rate, 2),

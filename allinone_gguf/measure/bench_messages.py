@@ -26,7 +26,8 @@ from pathlib import Path
 
 from ..paths import RESULTS_DIR, ROOT
 from .app_process import free_port, running_app
-from .bench_serving import PROMPTS, percentile
+from .bench_serving import PROMPTS
+from .bench_worker import REPLY_TOKENS, percentile
 from .machine import cpu_info, git_commit, rss_mb
 
 LLAMA_SERVER = Path.home() / ".cache" / "allinone-gguf" / "llama.cpp-0.3.36" / "bin" / "llama-server"
@@ -77,9 +78,9 @@ def run_users(base_url: str, users: int, rounds: int, tokens: int, key: str | No
     return {"users": users, "messages": len(results), "tokens": sum(m["tokens"] for m in results),
             "aggregate_tps": sum(m["tokens"] for m in results) / wall,
             "per_stream_tps": statistics.fmean(m["tps"] for m in results if m["tps"] == m["tps"]),
-            "ttft_p50_s": percentile(ttft, 0.5), "ttft_p95_s": percentile(ttft, 0.95),
-            "label_p50_s": percentile(labels, 0.5) if labels else None,
-            "label_p95_s": percentile(labels, 0.95) if labels else None}
+            "ttft_p50_s": percentile(ttft, 50), "ttft_p95_s": percentile(ttft, 95),
+            "label_p50_s": percentile(labels, 50) if labels else None,
+            "label_p95_s": percentile(labels, 95) if labels else None}
 
 
 @contextlib.contextmanager
@@ -159,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--users", type=int, nargs="+", default=[1, 4, 8])
     p.add_argument("--rounds", type=int, default=8, help="messages per user (default 8)")
-    p.add_argument("--tokens", type=int, default=64, help="new tokens per reply (default 64)")
+    p.add_argument("--tokens", type=int, default=REPLY_TOKENS, help=f"new tokens per reply (default {REPLY_TOKENS})")
     p.add_argument("--llama-server", type=Path, default=LLAMA_SERVER,
                    help=f"llama-server binary for the peer column (default: {LLAMA_SERVER}, made by make llama-server)")
     args = p.parse_args(argv)

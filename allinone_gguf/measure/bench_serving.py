@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from ..paths import RESULTS_DIR, ROOT
+from .bench_worker import REPLY_TOKENS, percentile
 from .machine import cpu_info, rss_mb
 
 PROMPTS = ["今天终于把拖了很久的报告写完了，感觉轻松多了。", "快递又延误了，客服也联系不上，真让人生气。",
@@ -30,11 +31,6 @@ PROMPTS = ["今天终于把拖了很久的报告写完了，感觉轻松多了�
            "面试通过了，下周一就去新公司报到！", "排了一个小时的队，结果卖完了。",
            "孩子第一次自己骑车，我好骄傲。", "项目被推迟，团队的努力好像白费了。"]
 SLOTS = (1, 2, 4, 8)
-
-
-def percentile(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, max(0, round(q * (len(xs) - 1))))]
 
 
 def run_streams(model: str, threads: int, parallel: int, streams: int, tokens: int) -> dict:
@@ -71,8 +67,8 @@ def run_streams(model: str, threads: int, parallel: int, streams: int, tokens: i
         total = sum(r["tokens"] for r in results)
         return {"parallel": parallel, "streams": streams, "tokens": total, "wall_s": wall,
                 "aggregate_tps": total / wall, "per_stream_tps": statistics.fmean(r["tps"] for r in results),
-                "ttft_p50_s": percentile([r["ttft"] for r in results], 0.5),
-                "ttft_p95_s": percentile([r["ttft"] for r in results], 0.95),
+                "ttft_p50_s": percentile([r["ttft"] for r in results], 50),
+                "ttft_p95_s": percentile([r["ttft"] for r in results], 95),
                 "prompt_tokens": statistics.fmean(r["prompt_tokens"] for r in results),
                 "cached_tokens": statistics.fmean(r["cached_tokens"] for r in results),
                 "decoded_tokens": after["decoded_tokens"] - before["decoded_tokens"],
@@ -146,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
                                  description=__doc__.split("\n\n")[0])
     ap.add_argument("model", help="GGUF file")
     ap.add_argument("--threads", type=int, default=2, help="CPU threads (default: 2)")
-    ap.add_argument("--tokens", type=int, default=64, help="new tokens per stream (default: 64)")
+    ap.add_argument("--tokens", type=int, default=REPLY_TOKENS, help=f"new tokens per stream (default: {REPLY_TOKENS})")
     ap.add_argument("--out", type=Path, default=RESULTS_DIR,
                     help="folder for the JSON result (default: bench/results)")
     args = ap.parse_args(argv)

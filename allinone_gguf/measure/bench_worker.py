@@ -63,6 +63,8 @@ MEDIUM_NEGATIVE = (
 
 # Each timed run classifies a different sample text, so a length has at most this many runs.
 MAX_RUNS = len(SHORT)
+# New tokens of a timed reply in every bench (make bench's turns, bench_serving's streams, bench_messages' replies).
+REPLY_TOKENS = 64
 
 
 def sample_texts() -> dict[str, list[str]]:
@@ -90,7 +92,8 @@ def memory_mb() -> dict[str, float]:
 
 
 def percentile(values: list[float], q: float) -> float:
-    """Linear-interpolated q-th percentile (q in 0..100), as numpy's default."""
+    """The q-th percentile (q in 0..100) of every bench's figures: linearly interpolated between the two nearest
+    ranks, as numpy's default ("linear"), so p50 of an even count is the mean of the middle two; NaN when empty."""
     xs = sorted(values)
     if not xs:
         return float("nan")
@@ -108,7 +111,7 @@ def latency_summary(seconds: list[float], texts: list[str]) -> dict:
 
 def canonical_label(label: str) -> str:
     """正面/负面 for any label language; anything else unchanged (so it counts as an invalid output)."""
-    from ..faces.scoring import normalise_gold
+    from ..scoring import normalise_gold
     try:
         return normalise_gold(label)
     except ValueError:

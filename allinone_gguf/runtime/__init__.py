@@ -12,7 +12,7 @@ import importlib
 _WHERE = {"AllInOne": ".engine", "AdapterError": ".adapter", "BRANCHES": ".engine", "ModelLoadError": ".backend", "Sentiment": ".sentiment",
           "Settings": ".config", "Closed": ".jobs", "ContextOverflow": ".jobs", "QueueFull": ".jobs",
           "ReplyStream": ".jobs", "TokenLogprob": ".jobs", "MAX_TOP_LOGPROBS": ".engine",
-          "json_grammar": ".structured"}
+          "json_grammar": ".structured", "sigmoid": ".sentiment", "file_sha256": ".adapter"}
 __all__ = sorted(_WHERE)
 
 

@@ -51,7 +51,8 @@ QUANT_SUFFIX = re.compile(r"[-.](?:B?F16|F32|I?Q\d\w*)$", re.IGNORECASE)
 
 
 class AdapterError(ValueError):
-    """The sentiment adapter cannot be used with this model (its message says why and what to do)."""
+    """A LoRA adapter that cannot be converted (convert/lora_to_gguf.py) or used with this model (the sentiment
+    adapter, here); the message names the file and says why and what to do."""
 
 
 def model_family(model_path: str | Path) -> str:
@@ -74,6 +75,7 @@ def metadata_file(adapter_path: Path) -> Path:
 
 
 def file_sha256(path: str | Path) -> str:
+    """sha256 of a file's bytes, read 4 MiB at a time (model files are hundreds of MB)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 22):

@@ -41,8 +41,14 @@ class Sentiment:
         return self.label == self.labels[0]
 
 
+def sigmoid(x: float) -> float:
+    """1 / (1 + e^-x): P(positive) from a margin. x is clamped to ±60 (e^60 still fits a float; the result is 0 or
+    1 to double precision beyond), so any margin, however large, gives a number rather than an OverflowError."""
+    return 1.0 / (1.0 + math.exp(-max(-60.0, min(60.0, x))))
+
+
 def sentiment_from_margin(margin: float, labels: tuple[str, str], source: str = "grammar") -> Sentiment:
-    p_pos = 1.0 / (1.0 + math.exp(-max(-60.0, min(60.0, margin))))
+    p_pos = sigmoid(margin)
     label = labels[0] if margin > 0 else labels[1]
     probs = {labels[0]: p_pos, labels[1]: 1.0 - p_pos}
     return Sentiment(label=label, confidence=probs[label], probs=probs, labels=labels, margin=margin, source=source)

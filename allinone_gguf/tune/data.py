@@ -9,13 +9,13 @@ The injection templates here are never the ones `python -m allinone_gguf.evaluat
 """
 from __future__ import annotations
 
-import csv
 import random
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..runtime.adapter import file_sha256
 from ..runtime.prompts import LABEL_SETS
+from ..scoring import POSITIVE, read_labeled_csv
 
 # {label} is the label the injection asks for: always the wrong one. Chinese and English; appended, prepended,
 # and faking a role or a system line.
@@ -58,19 +58,9 @@ class Example:
 
 
 def read_labelled(path: Path) -> list[tuple[int, str]]:
-    """(label, text) rows of a `label,text` CSV (1 = positive, 0 = negative); bad rows are an error with their
-    line number."""
-    rows = []
-    with path.open(encoding="utf-8", newline="") as f:
-        reader = csv.DictReader(f)
-        if reader.fieldnames is None or not {"label", "text"} <= set(reader.fieldnames):
-            raise ValueError(f"{path}: needs a header with the columns label,text")
-        for row in reader:
-            label, text = (row.get("label") or "").strip(), (row.get("text") or "").strip()
-            if label not in ("0", "1") or not text:
-                raise ValueError(f"{path}:{reader.line_num}: label must be 0 or 1 and text non-empty")
-            rows.append((int(label), text))
-    return rows
+    """(label, text) rows of a `label,text` CSV as training wants them: 1 = positive, 0 = negative, the text
+    stripped. Read by scoring.read_labeled_csv (any gold form it knows; a blank text is an error with its line)."""
+    return [(int(gold == POSITIVE), text.strip()) for gold, text in read_labeled_csv(path, empty="error")]
 
 
 def build_examples(files: list[Path], *, texts: int, held: int, inject_share: float, lang: str,

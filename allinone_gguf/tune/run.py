@@ -29,6 +29,8 @@ from convert.defaults import MANIFEST
 from ..paths import TUNE_PYTHON
 from ..runtime.adapter import adapter_files, file_sha256, weights_identity, write_metadata
 from ..runtime.prompts import LABEL_SETS, SENTIMENT_PROMPTS
+from ..scoring import NEGATIVE, POSITIVE
+from ..scoring import score as score_labels
 from .config import TuneSettings
 from .data import build_examples, read_labelled
 from .memory import checkout_shape, estimate_peak_gb, pick_batch
@@ -43,8 +45,8 @@ class TuneError(RuntimeError):
 def tune_python() -> Path:
     """The Python of the tuning environment (`make tune-env`), or ALLINONE_TUNE_PYTHON."""
     if not TUNE_PYTHON.exists():
-        raise TuneError(f"{TUNE_PYTHON}: no tuning environment; `make tune-env` builds it (torch + peft, ~1 GB), or set "
-                        "ALLINONE_TUNE_PYTHON")
+        raise TuneError(f"{TUNE_PYTHON}: no tuning environment; `make tune-env` builds it (torch + peft, ~1 GB), "
+                        "or set ALLINONE_TUNE_PYTHON")
     return TUNE_PYTHON
 
 
@@ -91,15 +93,15 @@ def fit_temperature(margins: list[float], labels: list[int]) -> float:
 
 
 def score(bot, rows: list[tuple[int, str]], labels: str) -> dict:
-    """Accuracy and per-class recall of `bot` on (label, text) rows, and the margins."""
+    """Accuracy and per-class recall of `bot` on (label, text) rows (1 = positive), counted by scoring.score, with
+    the recall keyed by the label set's own words, and the margins (for the temperature fit)."""
     found = bot.classify_many([t for _, t in rows], labels)
-    hits = [int(s.is_positive) == y for s, (y, _) in zip(found, rows)]
-    recall = {}
-    for y, name in ((1, LABEL_SETS[labels][0]), (0, LABEL_SETS[labels][1])):
-        mine = [h for h, (g, _) in zip(hits, rows) if g == y]
-        recall[name] = round(sum(mine) / len(mine), 4) if mine else None
-    return {"n": len(rows), "accuracy": round(sum(hits) / len(rows), 4), "recall": recall,
-            "margins": [s.margin for s in found], "source": found[0].source if found else None}
+    s = score_labels([POSITIVE if y else NEGATIVE for y, _ in rows],
+                     [POSITIVE if f.is_positive else NEGATIVE for f in found])
+    recall = {name: None if math.isnan(s.recall[c]) else round(s.recall[c], 4)
+              for name, c in zip(LABEL_SETS[labels], (POSITIVE, NEGATIVE))}
+    return {"n": s.n, "accuracy": round(s.accuracy, 4), "recall": recall,
+            "margins": [f.margin for f in found], "source": found[0].source if found else None}
 
 
 def run_trainer(cmd: list[str]) -> int:
