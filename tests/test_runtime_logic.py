@@ -641,7 +641,7 @@ def test_respond_decodes_the_label_beside_the_prompt_and_the_cue_after_it(bot):
     b = backend(bot)
     alone = bot.classify("今天真好好好")
     expected = "".join(bot.stream_reply("今天真好好好", sentiment=alone, conversation="solo"))
-    bot.stream_reply("重置", conversation="solo").close()
+    "".join(bot.stream_reply("重置", conversation="solo"))       # the slot now holds another turn
     before = len(b.batches)
     with bot.respond("今天真好好好", conversation="other") as stream:
         s = stream.sentiment()
@@ -652,7 +652,7 @@ def test_respond_decodes_the_label_beside_the_prompt_and_the_cue_after_it(bot):
     # one llama_decode held the text's sentiment frame (a branch) and the reply's prompt (a slot) together
     assert len(first) == 2 and stream.usage["prompt_tokens"] > first[1]
     # the cue and the turn's close followed in the next batch, then one token a step
-    assert b.batches[before + 1] == [stream.usage["prompt_tokens"] - first[1]]
+    assert b.batches[before + 1] == [stream.usage["prompt_tokens"] - stream.usage["cached_tokens"] - first[1]]
 
 
 def test_respond_with_a_label_that_fails_fails_the_reply(bot):
@@ -660,3 +660,18 @@ def test_respond_with_a_label_that_fails_fails_the_reply(bot):
         bot.respond("好", labels="fr")
     stream = bot.respond("差差", labels="en")
     assert stream.sentiment().label == "Negative" and "".join(stream)
+
+
+def test_a_new_conversation_shares_the_system_prompt_another_slot_holds(bot):
+    b = backend(bot)
+    first = bot.stream_reply("你好", conversation="a")
+    "".join(first)
+    assert first.usage["cached_tokens"] > 0                  # the system prompt warmed at load
+    before = b.decoded
+    second = bot.stream_reply("你好呀", conversation="b")      # another slot, empty until now
+    "".join(second)
+    slots = {seq for seq, _ in b.decodes[-3:]}
+    assert second.usage["cached_tokens"] >= first.usage["cached_tokens"]      # shared, not decoded again
+    # only the new turn and the sampled tokens were decoded (each sampled token is fed back; the end is not)
+    assert b.decoded - before == second.usage["prompt_tokens"] - second.usage["cached_tokens"] + \
+        second.usage["completion_tokens"] and len(slots) == 1

@@ -189,8 +189,18 @@ class Scheduler:
         slot.busy, slot.last_used, slot.conversation, job.slot = True, time.monotonic(), job.conversation, slot
         prompt, turns, start, job.sampler, job.later = job.prepare(b, slot)
         # the prompt's last token is decoded for its logits (unless the rest comes after the label)
-        keep = min(common_prefix(b.held[slot.seq], prompt), len(prompt) - (job.later is None))
-        b.truncate(slot.seq, keep)
+        limit = len(prompt) - (job.later is None)
+        keep = min(common_prefix(b.held[slot.seq], prompt), limit)
+        # A longer prefix another slot holds (the system prompt, a shared history) is shared, not decoded again:
+        # llama.cpp's seq_cp gives this sequence the same cells, as the sentiment branches share their frame.
+        donor = max((s for s in self.slots if s is not slot), default=None,
+                    key=lambda s: common_prefix(b.held[s.seq], prompt))
+        shared = min(common_prefix(b.held[donor.seq], prompt), limit) if donor is not None else 0
+        if shared > keep:
+            b.copy_prefix(donor.seq, slot.seq, shared)
+            keep = shared
+        else:
+            b.truncate(slot.seq, keep)
         slot.turns, slot.start = turns, start
         job.pending = prompt[keep:]
         job.usage.update(prompt_tokens=len(prompt), cached_tokens=keep)
