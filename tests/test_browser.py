@@ -269,3 +269,29 @@ def test_a_message_sent_during_a_reply_is_queued_not_lost(open_page):
         check_badge(bot.inner_text())
     assert page.input_value("#message textarea") == ""
     shot(page, "browser-queued-message.png")
+
+
+def test_with_a_key_the_page_asks_for_it_once_then_works(browser, tiny_models):
+    """--api-key guards the page too: a browser lands on the login form, and after it the whole app (Gradio's
+    config, queue and stream routes) works on the session cookie alone."""
+    model = tiny_models["Q4_K_M"]
+    with running_app(model, model.parent, "--n-threads", "1", "--api-key", "s3cret") as keyed:
+        context = browser.new_context(viewport={"width": 1280, "height": 900}, locale="zh-CN")
+        try:
+            page = context.new_page()
+            page.goto(keyed.url)
+            page.wait_for_selector("#key")
+            assert "/login" in page.url
+            page.fill("#key", "wrong")
+            page.click("#login")
+            page.wait_for_selector("text=Wrong key")
+            page.fill("#key", "s3cret")
+            page.click("#login")
+            page.wait_for_selector("#message textarea")
+            page.evaluate(WATCH)
+            send(page, "今天的实验终于成功了！")
+            wait_status(page, "done")
+            assert BADGE.match(last_bot_text(page))
+            page.screenshot(path=str(ARTIFACTS / "login-then-chat.png"))
+        finally:
+            context.close()
