@@ -4,6 +4,7 @@ model's own classify() gives, files written). No test asserts a speed."""
 from __future__ import annotations
 
 import csv
+import datetime
 import importlib.util
 import json
 import subprocess
@@ -15,6 +16,7 @@ from conftest import FakeRuntime
 
 import allinone_gguf.runtime
 from allinone_gguf.measure import bench, bench_report, bench_worker
+from allinone_gguf.measure.machine import write_result
 from allinone_gguf.scoring import read_labeled_csv
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -39,6 +41,13 @@ def test_percentile_interpolates_like_numpy():
     assert bench_worker.percentile(xs, 50) == 3.0
     assert bench_worker.percentile(xs, 95) == pytest.approx(4.8)
     assert bench_worker.percentile([7.0], 95) == 7.0
+
+
+def test_every_bench_names_its_results_kind_date_model(tmp_path):
+    path = write_result("serving", Path("models/m/qwen2.5-0.5b-Q4_K_M.gguf"), {"p95": 1.5}, "| a |\n", tmp_path / "r")
+    assert path == tmp_path / "r" / f"serving-{datetime.date.today().isoformat()}-qwen2.5-0.5b-Q4_K_M.json"
+    assert json.loads(path.read_text(encoding="utf-8")) == {"p95": 1.5}
+    assert path.with_suffix(".md").read_text(encoding="utf-8") == "| a |\n"
 
 
 def test_sample_texts_have_three_distinct_lengths():
@@ -207,6 +216,9 @@ def test_bench_on_the_tiny_model_writes_every_field(tiny_models, tmp_path):
     assert r.returncode == 0, r.stderr
     assert "skipped the transformers baseline" in r.stderr
     (json_path,) = out.glob("*.json")
+    family = allinone_gguf.runtime.model_family(tiny_models["Q4_K_M"])
+    assert json_path.name == f"bench-{datetime.date.today().isoformat()}-{family}.json"
+    assert json_path.with_suffix(".md").is_file()
     report = json.loads(json_path.read_text(encoding="utf-8"))
     c = report["conditions"]
     assert c["cpu"] and c["logical_cpus"] >= 1 and c["n_threads"] == 1 and c["n_ctx"] > 0

@@ -11,7 +11,7 @@ interleaved with chat turns; time to first token, generation and prompt tokens/s
 (sentiment + a reply of at most 64 tokens); accuracy, per-class recall and invalid outputs on labeled CSVs.
 Warm-up calls are left out. The conditions (CPU, cores, threads, context, versions, load average) are
 recorded, because on a shared machine they change the numbers. Output: a Markdown table on stdout and
-bench/results/<date>-<host>.json, .md and .png. `--baseline` adds the seeds' transformers FP32 approach
+bench/results/bench-<date>-<model family>.json, .md and .png (measure/machine.py names every bench's results). `--baseline` adds the seeds' transformers FP32 approach
 (measure/baseline.py, run by a Python that has torch and transformers).
 """
 from __future__ import annotations
@@ -34,7 +34,7 @@ from pathlib import Path
 from ..faces.classify_common import UserError
 from ..faces.flags import add_dataclass_arguments, add_settings_arguments, overrides
 from .bench_worker import MAX_RUNS, REPLY_TOKENS
-from .machine import cpu_info, git_commit
+from .machine import cpu_info, git_commit, write_result
 from ..scoring import normalise_gold, read_labeled_csv, score
 from ..paths import REFERENCE_PYTHON, RESULTS_DIR, ROOT, SHARED_DATA
 
@@ -57,7 +57,7 @@ class BenchSettings:
     reply_tokens: int = field(default=REPLY_TOKENS, metadata={"help": "most new tokens of a timed reply"})
     seed: int = field(default=0, metadata={"help": "sampling seed of the timed replies"})
     out: Path = field(default=RESULTS_DIR, metadata={
-        "help": "folder for <date>-<host>.json, .md and .png"})
+        "help": "folder for bench-<date>-<model family>.json, .md and .png"})
     baseline_python: Path = field(default=REFERENCE_PYTHON, metadata={
         "help": "Python with torch + transformers for --baseline (`make reference-env` builds it)"})
     baseline_limit: int = field(default=25, metadata={
@@ -223,12 +223,11 @@ def run_bench(args) -> int:
     report["conditions"]["loadavg_end"] = list(os.getloadavg())
     report["ratios"] = ratios(report["models"])
 
-    bs.out.mkdir(parents=True, exist_ok=True)
-    stem = bs.out / f"{datetime.date.today().isoformat()}-{re.sub(r'[^A-Za-z0-9_.-]', '_', socket.gethostname())}"
-    stem.with_suffix(".json").write_text(json.dumps(report, ensure_ascii=False, indent=1), encoding="utf-8")
+    from ..runtime import model_family     # the files' common name: m for m-Q4_K_M.gguf and m-Q8_0.gguf
     markdown = render_markdown(report)
-    stem.with_suffix(".md").write_text(markdown, encoding="utf-8")
-    png = render_png(report, stem.with_suffix(".png"))
+    path = write_result("bench", model_family(args.models[0]), report, markdown, bs.out)
+    png = render_png(report, path.with_suffix(".png"))
     print(markdown)
-    print(f"wrote {stem}.json, {stem}.md" + (f", {png}" if png else " (no PNG: Pillow is not installed)"))
+    print(f"wrote {path}, {path.with_suffix('.md').name}" + (f", {png.name}" if png else
+                                                             " (no PNG: Pillow is not installed)"))
     return 1 if any("error" in m for m in report["models"]) else 0

@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from .machine import cpu_info, git_commit
+from .machine import cpu_info, git_commit, write_result
 from .bench_worker import latency_summary, memory_mb, sample_texts
 from .evaluate import ece_of, flip_rate, predict
 from ..scoring import NEGATIVE, POSITIVE, read_labeled_csv, score
@@ -128,12 +128,8 @@ def main(argv: list[str] | None = None) -> int:
               "paths": paths}
     md = render(report)
     print(md)
-    a.out.mkdir(parents=True, exist_ok=True)
-    stem = a.out / f"adapter-{report['date']}-{Path(a.model).stem}"
-    stem.with_name(stem.name + ".json").write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n",
-                                                   encoding="utf-8")
-    stem.with_name(stem.name + ".md").write_text(md + "\n", encoding="utf-8")
-    print(f"wrote {stem}.json and {stem}.md", file=sys.stderr)
+    path = write_result("adapter", a.model, report, md, a.out)
+    print(f"wrote {path} and {path.with_suffix('.md').name}", file=sys.stderr)
     return 0
 
 

@@ -9,7 +9,7 @@ One run of `python app.py --api-key ...` on MODEL, then:
 2. fairness: a chat stream's time to first token (p50/p95 of --chats streams, one after the other) alone, then
    while a --texts-text /v1/classify runs, and the classification's texts/s alone and under those chats;
 3. structured outputs: 20 replies with a strict json_schema response_format, how many parse and validate.
-Results: a Markdown table on stdout and JSON in bench/results/api-<date>-<model>.json, with machine and date.
+Results: a Markdown table on stdout and JSON and Markdown in bench/results/api-<date>-<model>.json (.md), with machine and date.
 """
 from __future__ import annotations
 
@@ -20,11 +20,11 @@ import threading
 import time
 from pathlib import Path
 
-from ..paths import RESULTS_DIR, ROOT
+from ..paths import ROOT
 from .app_process import running_app
 from .bench_serving import PROMPTS
 from .bench_worker import percentile
-from .machine import cpu_info
+from .machine import cpu_info, write_result
 
 KEY = "bench"
 SCHEMA = {"type": "object", "additionalProperties": False, "required": ["sentiment", "reason", "urgent"],
@@ -152,9 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     result = run(args.model, args.threads, args.texts, args.chats)
     text = markdown(result)
     print(text)
-    path = RESULTS_DIR / f"api-{result['date']}-{args.model.stem}.json"
-    path.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    print(f"\nwritten: {path.relative_to(ROOT)}")
+    path = write_result("api", args.model, result, text)
+    print(f"\nwritten: {path.relative_to(ROOT)} and .md")
     return 0
 
 

@@ -9,14 +9,13 @@ time to the label (the first chunk, which carries "sentiment"), the time to the 
 per-stream and aggregate tokens/s, and the app's RSS after start and after all the turns. The same clients then
 ask llama.cpp's own `llama-server` on the same file, threads and slots (`-np 4 -c 4096`), which only replies,
 when its binary is given or was built by `make llama-server`; without it that column is skipped, and the run
-says so. Results: a Markdown table on stdout, JSON in bench/results/messages-<date>-<model>.json.
+says so. Results: a Markdown table on stdout, JSON and Markdown in bench/results/messages-<date>-<model>.json (.md).
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import datetime
-import json
 import os
 import statistics
 import subprocess
@@ -24,11 +23,11 @@ import threading
 import time
 from pathlib import Path
 
-from ..paths import RESULTS_DIR, ROOT
+from ..paths import ROOT
 from .app_process import free_port, running_app
 from .bench_serving import PROMPTS
 from .bench_worker import REPLY_TOKENS, percentile
-from .machine import cpu_info, git_commit, rss_mb
+from .machine import cpu_info, git_commit, rss_mb, write_result
 
 LLAMA_SERVER = Path.home() / ".cache" / "allinone-gguf" / "llama.cpp-0.3.36" / "bin" / "llama-server"
 SLOTS, CTX = 4, 4096
@@ -109,30 +108,38 @@ def llama_server(binary: Path, model: Path, threads: int):
 
 
 def measure(model: Path, threads: int, users: list[int], rounds: int, tokens: int, server: Path | None) -> dict:
+    """Both servers run side by side (idle while the other is measured); each user count is measured on ours
+    and then on llama-server, so a change in the machine's load touches both columns alike."""
     out = {"model": model.name, "threads": threads, "slots": SLOTS, "tokens": tokens, "rounds": rounds,
            "machine": cpu_info(), "date": datetime.date.today().isoformat(), "commit": git_commit(),
-           "ours": [], "llama_server": None}
-    with running_app(model, model.parent, "--n-threads", str(threads), "--parallel", str(SLOTS)) as app:
+           "loadavg_start": list(os.getloadavg()), "ours": [], "llama_server": None}
+    with contextlib.ExitStack() as stack:
+        app = stack.enter_context(running_app(model, model.parent, "--n-threads", str(threads),
+                                              "--parallel", str(SLOTS)))
         out["app_rss_start_mb"] = rss_mb(app.proc.pid)
+        peer = None
+        if server is not None and server.is_file():
+            url, pid = stack.enter_context(llama_server(server, model, threads))
+            peer = out["llama_server"] = {"binary": str(server), "runs": []}
         for n in users:
             print(f"  ours: {n} user(s) ...", flush=True)
             out["ours"].append(run_users(app.url + "v1", n, rounds, tokens, None))
+            if peer is not None:
+                print(f"  llama-server: {n} user(s) ...", flush=True)
+                peer["runs"].append(run_users(url, n, rounds, tokens, None))
         out["app_rss_end_mb"] = rss_mb(app.proc.pid)
         out["turns"] = sum(r["messages"] for r in out["ours"]) + len(users)
-    if server is not None and server.is_file():
-        out["llama_server"] = {"binary": str(server), "runs": []}
-        with llama_server(server, model, threads) as (url, pid):
-            for n in users:
-                print(f"  llama-server: {n} user(s) ...", flush=True)
-                out["llama_server"]["runs"].append(run_users(url, n, rounds, tokens, None))
-            out["llama_server"]["rss_mb"] = rss_mb(pid)
+        if peer is not None:
+            peer["rss_mb"] = rss_mb(pid)
+    out["loadavg_end"] = list(os.getloadavg())
     return out
 
 
 def render(r: dict) -> str:
     peer = {x["users"]: x for x in (r["llama_server"] or {}).get("runs", [])}
     lines = [f"Messages through the HTTP API — {r['model']}, {r['threads']} threads, {r['slots']} slots, "
-             f"{r['tokens']} new tokens at 0.7, {r['rounds']} messages per user; {r['machine']['cpu']}, {r['date']}",
+             f"{r['tokens']} new tokens at 0.7, {r['rounds']} messages per user; {r['machine']['cpu']}, {r['date']}, "
+             f"load average {r['loadavg_start'][0]:.2f} -> {r['loadavg_end'][0]:.2f}",
              "", "| users | ours: label p50 | ours: first token p50 / p95 | llama-server (bare reply): first token "
              "p50 / p95 | ours: aggregate tok/s (per stream) | llama-server | aggregate ratio |",
              "|---|---|---|---|---|---|---|"]
@@ -171,9 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     result = measure(args.model, args.threads, args.users, args.rounds, args.tokens, args.llama_server)
     text = render(result)
     print(text)
-    path = RESULTS_DIR / f"messages-{result['date']}-{args.model.stem}.json"
-    path.write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-    print(f"\nwritten: {path.relative_to(ROOT)}")
+    path = write_result("messages", args.model, result, text)
+    print(f"\nwritten: {path.relative_to(ROOT)} and .md")
     return 0
 
 

@@ -11,7 +11,7 @@ the whole command (start-up, model loading, Ray's cluster and actors included), 
 for local, classified texts over the classify loop's seconds (the command's own summary, model load left
 out); for Ray, rows after the first block arrived over the seconds after it (the run's manifest.json). The
 start-up is the rest of the wall time: wall - texts / rate. Ray's overhead is local's rate over Ray's. Output: a Markdown table on stdout and
-bench/results/<date>-<host>-ray.json.
+bench/results/ray-<date>-<model>.json and .md.
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ from pathlib import Path
 
 from ..faces.shards import MANIFEST
 from ..paths import RESULTS_DIR, ROOT, SHARED_DATA
-from .machine import cpu_info
+from .machine import cpu_info, write_result
 
 DEFAULT_DATA = SHARED_DATA / "train" / "waimai_10k.train2000.csv"
 CONFIGS = (("local, 2 threads", "local", 1, 2), ("ray, 1 actor x 2 threads", "ray", 1, 2),
@@ -119,9 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     report["conditions"]["loadavg_end"] = list(os.getloadavg())
     md = table(runs)
     print(md)
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"{datetime.date.today().isoformat()}-{socket.gethostname()}-ray.json"
-    path.write_text(json.dumps({**report, "table": md}, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    path = write_result("ray", args.model, {**report, "table": md}, md, args.out)
     print(f"report: {path}", file=sys.stderr)
     return 0
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from ..paths import RESULTS_DIR, ROOT
 from .bench_worker import REPLY_TOKENS, percentile
-from .machine import cpu_info, rss_mb
+from .machine import cpu_info, rss_mb, write_result
 
 PROMPTS = ["今天终于把拖了很久的报告写完了，感觉轻松多了。", "快递又延误了，客服也联系不上，真让人生气。",
            "周末和朋友去爬山，风景特别好。", "最近睡眠不太好，白天总是没精神。",
@@ -144,17 +144,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2, help="CPU threads (default: 2)")
     ap.add_argument("--tokens", type=int, default=REPLY_TOKENS, help=f"new tokens per stream (default: {REPLY_TOKENS})")
     ap.add_argument("--out", type=Path, default=RESULTS_DIR,
-                    help="folder for the JSON result (default: bench/results)")
+                    help="folder for the JSON and Markdown result (default: bench/results)")
     args = ap.parse_args(argv)
     if not Path(args.model).is_file():
         print(f"error: {args.model}: no such model file (make models builds it)", file=sys.stderr)
         return 2
     result = measure(args.model, args.threads, args.tokens)
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"serving-{result['date']}-{Path(args.model).stem}.json"
-    path.write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-    print(render(result))
-    print(f"\n(JSON: {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path})")
+    text = render(result)
+    path = write_result("serving", args.model, result, text, args.out)
+    print(text)
+    print(f"\n(JSON and Markdown: {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}, .md)")
     return 0
 
 

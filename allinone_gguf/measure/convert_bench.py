@@ -9,13 +9,15 @@ CHECKOUT is a Hugging Face folder such as the one ../shared/tools/proxy-hf.sh bu
 2. times `python -m convert all` (F16 + Q8_0 + Q4_K_M) from scratch;
 3. feeds the same fixed Chinese and English text to the three files and reports, teacher-forced, how often
    the quantized file's most likely next token agrees with the F16 file's.
-Prints a Markdown table. Figures depend on the machine: run it where you want to know them.
+Prints a Markdown table and writes it, with the machine and the commit, to
+bench/results/convert-<date>-<checkout>.json and .md. Figures depend on the machine: run it where you want to
+know them.
 """
 from __future__ import annotations
 
 import argparse
+import datetime
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -31,6 +33,7 @@ from convert.reference_files import reference_converter
 
 from ..paths import REFERENCE_PYTHON, ROOT
 from ..runtime.ceiling import teacher_forced_argmax
+from .machine import cpu_info, git_commit, write_result
 
 # Fixed texts for the agreement check, written for this purpose (not taken from any data set).
 TEXTS = [
@@ -108,12 +111,14 @@ def main() -> None:
             en = np.concatenate(parts[1::2]).mean()
             rows.append((f"top-1 agreement with F16, {q} (teacher-forced, {allpos.size} positions)",
                          f"{allpos.mean():.3f}", f"Chinese {zh:.3f}, English {en:.3f}"))
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor())
-    print(f"\nmachine: {cpu}, {os.cpu_count()} cores; threads {args.threads}; checkout {args.checkout}\n")
-    print("| measure | value | note |\n|---|---|---|")
-    for r in rows:
-        print(f"| {r[0]} | {r[1]} | {r[2]} |")
+    machine = cpu_info()
+    md = "\n".join([f"machine: {machine['cpu']}, {machine['logical_cpus']} CPUs; threads {args.threads}; checkout "
+                    f"{args.checkout}", "", "| measure | value | note |", "|---|---|---|",
+                    *(f"| {r[0]} | {r[1]} | {r[2]} |" for r in rows)])
+    print("\n" + md)
+    report = {"checkout": str(args.checkout), "threads": args.threads, "machine": machine, "commit": git_commit(),
+              "date": datetime.date.today().isoformat(), "rows": [list(r) for r in rows]}
+    print(f"\nwritten: {write_result('convert', args.checkout.resolve(), report, md)}")
 
 
 if __name__ == "__main__":

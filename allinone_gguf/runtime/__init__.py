@@ -12,7 +12,8 @@ import importlib
 _WHERE = {"AllInOne": ".engine", "AdapterError": ".adapter", "BRANCHES": ".engine", "ModelLoadError": ".backend", "Sentiment": ".sentiment",
           "Settings": ".config", "Closed": ".jobs", "ContextOverflow": ".jobs", "QueueFull": ".jobs",
           "ReplyStream": ".jobs", "TokenLogprob": ".jobs", "MAX_TOP_LOGPROBS": ".engine",
-          "json_grammar": ".structured", "sigmoid": ".sentiment", "file_sha256": ".adapter"}
+          "json_grammar": ".structured", "sigmoid": ".sentiment", "file_sha256": ".adapter",
+          "model_family": ".adapter"}
 __all__ = sorted(_WHERE)
 
 
