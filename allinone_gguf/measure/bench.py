@@ -11,8 +11,9 @@ interleaved with chat turns; time to first token, generation and prompt tokens/s
 (sentiment + a reply of at most 64 tokens); accuracy, per-class recall and invalid outputs on labeled CSVs.
 Warm-up calls are left out. The conditions (CPU, cores, threads, context, versions, load average) are
 recorded, because on a shared machine they change the numbers. Output: a Markdown table on stdout and
-bench/results/bench-<date>-<model family>.json, .md and .png (measure/machine.py names every bench's results). `--baseline` adds the seeds' transformers FP32 approach
-(measure/baseline.py, run by a Python that has torch and transformers).
+bench/results/bench-<date>-<model family>.json, .md and .png (measure/machine.py names every bench's results).
+`--baseline` adds the seeds' transformers FP32 approach (measure/baseline.py, run by a Python that has torch and
+transformers).
 """
 from __future__ import annotations
 

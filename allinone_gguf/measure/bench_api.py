@@ -9,7 +9,8 @@ One run of `python app.py --api-key ...` on MODEL, then:
 2. fairness: a chat stream's time to first token (p50/p95 of --chats streams, one after the other) alone, then
    while a --texts-text /v1/classify runs, and the classification's texts/s alone and under those chats;
 3. structured outputs: 20 replies with a strict json_schema response_format, how many parse and validate.
-Results: a Markdown table on stdout and JSON and Markdown in bench/results/api-<date>-<model>.json (.md), with machine and date.
+Results: a Markdown table on stdout, and JSON and Markdown in bench/results/api-<date>-<model>.json (.md), with
+machine and date.
 """
 from __future__ import annotations
 
