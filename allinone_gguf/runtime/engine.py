@@ -118,15 +118,17 @@ class AllInOne:
                                  f"sentiment role's {reserve}; raise n_ctx or lower sentiment_tokens")
             # Warm the fixed prefixes, so the first calls are as fast as the rest: the sentiment frame, and the
             # chat's system prompt in the first slot (a new conversation shares it).
-            b.prefill(SEQ_SENTIMENT, self._frames[s.labels][0], adapter=self._uses_adapter(s.labels))
+            b.prefill(SEQ_SENTIMENT, self._frames[self._read_frame(s.labels)][0], adapter=adapter is not None)
             b.prefill(1 + BRANCHES, self._render(b, [("system", self._system[s.labels])], False)[0])
         except BaseException:
             b.close()
             raise
         return b
 
-    def _uses_adapter(self, lang: str) -> bool:
-        return self._adapter is not None and self._adapter.labels == lang
+    def _read_frame(self, lang: str) -> str:
+        """The label language whose frame reads a text: the adapter's (one adapter serves both label sets: it
+        was trained on Chinese and English texts in its own frame), else the one asked for."""
+        return self._adapter.labels if self._adapter is not None else lang
 
     # -- public API ---------------------------------------------------------------------------------------------
     def label_set(self, labels: str | None = None) -> tuple[str, str]:
@@ -150,17 +152,19 @@ class AllInOne:
         return self._worker.submit(self._classify_job(texts, language_of(labels, self.settings.labels))).wait()
 
     def _classify_job(self, texts: list[str], lang: str) -> ClassifyJob:
-        """The worker's job for classify_many (texts already checked)."""
-        before, after = self._frames[lang]
-        reader, s = self._readers[lang], self.settings
+        """The worker's job for classify_many (texts already checked). With a sentiment adapter every text is read
+        in the frame it was trained in, whatever the label language (the label's name follows `lang`)."""
+        frame = self._read_frame(lang)
+        before, after = self._frames[frame]
+        reader, s = self._readers[frame], self.settings
         room = s.sentiment_tokens + len(after)
-        adapter = self._uses_adapter(lang)
+        adapter = self._adapter is not None
         scale, source = (1.0 / self._adapter.temperature, "adapter") if adapter else (1.0, "grammar")
 
         def plan(b):    # the groups, each tokenized when the worker reaches it
             group: list[tuple[int, list[int]]] = []
             for i, t in enumerate(texts):
-                body = self._body(b, t, lang)
+                body = self._body(b, t, frame)
                 if group and (len(group) == BRANCHES or sum(len(x) for _, x in group) + len(body) > room):
                     yield group
                     group = []
