@@ -2,19 +2,19 @@
 PY       ?= python3
 VENV     ?= .venv
 PYTHON   := $(VENV)/bin/python
-# The defaults are written once (the pipeline's in convert/defaults.py, the app's in allinone_gguf/faces/ui_helpers.py,
+# The defaults are written once (the pipeline's in convert/defaults.py, the app's in allinone_gguf/faces/defaults.py,
 # both standard library only, so the system Python reads them before the virtual env exists) and printed by
-# ui_helpers: source checkout, models folder, quant type, host, port.
+# faces.defaults: source checkout, models folder, quant type, host, port.
 APP_DEFAULTS := $(shell $(PY) -m allinone_gguf.faces.defaults)
 ifneq ($(words $(APP_DEFAULTS)),5)
-$(error cannot read the defaults with `$(PY) -m allinone_gguf.faces.ui_helpers` (Python >= 3.10 needed; PY=...))
+$(error cannot read the defaults with `$(PY) -m allinone_gguf.faces.defaults` (Python >= 3.10 needed; PY=...))
 endif
 SRC      ?= $(word 1,$(APP_DEFAULTS))
 MODELS   ?= $(word 2,$(APP_DEFAULTS))
 HOST     ?= $(word 4,$(APP_DEFAULTS))
 PORT     ?= $(word 5,$(APP_DEFAULTS))
 NAME     := $(notdir $(patsubst %/,%,$(SRC)))
-# The file `python -m convert all SRC --out MODELS` writes for quant type $(1) (ui_helpers.model_file).
+# The file `python -m convert all SRC --out MODELS` writes for quant type $(1) (convert.defaults.model_file).
 model_file = $(MODELS)/$(NAME)/$(NAME)-$(1).gguf
 RUN_MODEL ?= $(call model_file,$(word 3,$(APP_DEFAULTS)))
 # Optional environment with torch + transformers, used only by the reference-converter test.

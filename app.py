@@ -228,7 +228,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     resulting app settings and the overrides for the runtime's Settings."""
     p = argparse.ArgumentParser(description="Offline Gradio app (at /) and OpenAI-compatible API (under /v1) for "
                                             "Qwen All-in-One (GGUF).")
-    add_dataclass_arguments(p, AppSettings, APP_FLAGS, "app (defaults from allinone_gguf.faces.ui_helpers)")
+    add_dataclass_arguments(p, AppSettings, APP_FLAGS, "app (defaults from allinone_gguf.faces.defaults)")
     add_settings_arguments(p, LOAD_FLAGS)
     p.add_argument("--api-key", default=os.environ.get("ALLINONE_API_KEY") or None,
                    help="require this key on every route but /health: `Authorization: Bearer KEY` from API clients, "
@@ -245,7 +245,7 @@ def build_server(slot: ModelSlot, api_key: str | None, ui: AppSettings = AppSett
     server.include_router(build_router(lambda: slot.bot, lambda: Path(slot.current()).name,
                                        is_ready=slot.ready.is_set, max_classify_texts=ui.max_classify_texts))
     demo = build_app(slot)
-    demo.queue(default_concurrency_limit=1, max_size=64)
+    demo.queue(default_concurrency_limit=1, max_size=slot.bot.settings.max_queue)   # as many as the runtime queues
     # Nothing that reaches out: no share tunnel, no node SSR server, no MCP, no PWA, no run history.
     app = gr.mount_gradio_app(server, demo, path="/", ssr_mode=False, mcp_server=False, pwa=False,
                               run_history=False, footer_links=["api", "settings"])
