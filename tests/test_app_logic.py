@@ -1,11 +1,12 @@
-"""app.py's wiring against a fake runtime: model switching loads once, a turn streams, Stop closes the stream."""
+"""The app's wiring and its page (faces/page.py, faces/sessions.py) against a fake runtime: model switching loads once, a turn streams, Stop closes the stream."""
 from dataclasses import dataclass, field
 
 import gradio as gr
 import pytest
 
 import app
-from conftest import FakeRuntime
+from allinone_gguf.faces import page
+from conftest import ROOT, FakeRuntime
 from allinone_gguf.faces import sessions
 from allinone_gguf.faces.ui_helpers import BADGE_RE, badge
 
@@ -111,20 +112,20 @@ def session_with(chat, *pending) -> sessions.Session:
 
 
 def test_a_turn_shows_the_badge_first_then_streams_with_clean_history(models, tmp_path, monkeypatch):
-    monkeypatch.setattr(app, "REFRESH_S", 0.0)  # one chat update per piece
+    monkeypatch.setattr(page, "REFRESH_S", 0.0)  # one chat update per piece
     slot = sessions.ModelSlot(models["Q4_K_M"], tmp_path / "m", settings=None)
     earlier = [{"role": "user", "content": [{"type": "text", "text": "早上好"}]},
                {"role": "assistant", "content": badge("正面", 0.9, False) + "\n\n早！"}]
     session = session_with(earlier, "考试没过")
-    steps = list(app.answer(slot, session, [], "zh", 0.5, 64.0))
+    steps = list(page.answer(slot, session, [], "zh", 0.5, 64.0))
     first_chat, mood, svg, status = steps[0]
     assert first_chat[-1] == {"role": "assistant", "content": "😢 LLM 情感判断: 负面 (置信度 75%)"}
     assert first_chat[-2] == {"role": "user", "content": "考试没过"}
     assert mood == [{"turn": 1, "mood": -0.5, "label": "负面"}] and 'data-label="负面"' in svg
-    assert status == app.REPLYING
+    assert status == page.REPLYING
     streamed = [s[0][-1]["content"] for s in steps[1:]]
     assert [BADGE_RE.sub("", text) for text in streamed] == ["你", "你好", "你好呀", "你好呀！", "你好呀！"]
-    assert steps[-1][3] == app.DONE and all(s[3] is not app.DONE for s in steps[:-1])
+    assert steps[-1][3] == page.DONE and all(s[3] is not page.DONE for s in steps[:-1])
     call = slot.bot.calls[0]
     assert call["text"] == "考试没过" and call["max_tokens"] == 64 and isinstance(call["max_tokens"], int)
     assert call["history"] == [{"role": "user", "content": "早上好"}, {"role": "assistant", "content": "早！"}]
@@ -132,22 +133,22 @@ def test_a_turn_shows_the_badge_first_then_streams_with_clean_history(models, tm
 
 
 def test_chat_updates_are_throttled_but_the_first_piece_and_the_end_always_show(models, tmp_path, monkeypatch):
-    monkeypatch.setattr(app, "REFRESH_S", 3600.0)
+    monkeypatch.setattr(page, "REFRESH_S", 3600.0)
     slot = sessions.ModelSlot(models["Q4_K_M"], tmp_path / "m", settings=None)
-    steps = list(app.answer(slot, session_with([], "hi"), [], "zh", 0.7, 32))
+    steps = list(page.answer(slot, session_with([], "hi"), [], "zh", 0.7, 32))
     assert [BADGE_RE.sub("", s[0][-1]["content"]) for s in steps[1:]] == ["你", "你好呀！"]
 
 
 def test_a_message_sent_during_a_reply_waits_in_view_and_is_answered_next(models, tmp_path, monkeypatch):
-    monkeypatch.setattr(app, "REFRESH_S", 0.0)
+    monkeypatch.setattr(page, "REFRESH_S", 0.0)
     slot = sessions.ModelSlot(models["Q4_K_M"], tmp_path / "m", settings=None)
     session = sessions.Session()
-    app.add_user("再说一遍好吗？", session)
-    turn = app.answer(slot, session, [], "zh", 0.7, 32)
+    page.add_user("再说一遍好吗？", session)
+    turn = page.answer(slot, session, [], "zh", 0.7, 32)
     next(turn), next(turn)                                   # badge, first piece of the first reply
-    box, shown, status = app.add_user("我又发了一条。", session)  # typed while the reply streams
-    assert box == "" and shown[-1] == {"role": "user", "content": "我又发了一条。"} and app.QUEUED in status
-    assert list(app.answer(slot, session, [], "zh", 0.7, 32)) == []    # a second answer leaves it to the first
+    box, shown, status = page.add_user("我又发了一条。", session)  # typed while the reply streams
+    assert box == "" and shown[-1] == {"role": "user", "content": "我又发了一条。"} and page.QUEUED in status
+    assert list(page.answer(slot, session, [], "zh", 0.7, 32)) == []    # a second answer leaves it to the first
     steps = list(turn)
     users = [m["content"] for m in steps[-1][0] if m["role"] == "user"]
     assert users == ["再说一遍好吗？", "我又发了一条。"]
@@ -160,21 +161,21 @@ def test_stop_closes_the_runtime_stream_and_gives_waiting_messages_back(models, 
     """Gradio's cancel calls close() on the turn's generator; the model's stream must be closed with it."""
     slot = sessions.ModelSlot(models["Q4_K_M"], tmp_path / "m", settings=None)
     session = session_with([], "hi")
-    turn = app.answer(slot, session, [], "en", 0.7, 32)
+    turn = page.answer(slot, session, [], "en", 0.7, 32)
     next(turn), next(turn)  # badge, first piece
-    app.add_user("one more", session)
+    page.add_user("one more", session)
     assert not slot.bot.stream_closed
     turn.close()
     assert slot.bot.stream_closed and not session.running
-    box, shown, status = app.stop_turn(session)
-    assert box == "one more" and status == app.STOPPED and not session.pending
+    box, shown, status = page.stop_turn(session)
+    assert box == "one more" and status == page.STOPPED and not session.pending
 
 
 def test_empty_messages_are_refused_before_the_queue():
     session = sessions.Session()
     with pytest.raises(gr.Error):
-        app.add_user("   ", session)
-    assert app.add_user(" hi ", session) == ("", [{"role": "user", "content": "hi"}], app.WAITING)
+        page.add_user("   ", session)
+    assert page.add_user(" hi ", session) == ("", [{"role": "user", "content": "hi"}], page.WAITING)
 
 
 def test_cli_defaults_come_from_the_settings_dataclasses():
@@ -208,3 +209,14 @@ def test_a_fake_that_drifts_from_the_runtime_fails_at_once():
         class Renamed(FakeRuntime):
             def label_set(self, lang=None):
                 pass
+
+
+def test_the_api_alone_loads_no_gradio():
+    import subprocess
+    import sys
+    code = ("import sys, app\n"
+            "args = app.parse_args(['--no-page'])\n"
+            "assert args.ui.page is False\n"
+            "print('gradio' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.strip() == "False", r.stdout + r.stderr

@@ -256,3 +256,13 @@ def test_logprobs_are_the_models_own_and_come_with_each_chunk(client):
     assert [e.logprob for e in streamed] == pytest.approx([e.logprob for e in entries], abs=0.05)
     plain = client.chat.completions.create(model="x", messages=[{"role": "user", "content": "你好"}], max_tokens=2)
     assert plain.choices[0].logprobs is None
+
+
+def test_the_api_alone_without_the_page_is_guarded_the_same(tiny_models):
+    model = tiny_models["Q4_K_M"]
+    with running_app(model, model.parent, "--n-threads", "1", "--api-key", KEY, "--no-page") as server:
+        assert httpx.get(server.url + "health").status_code == 200
+        assert httpx.get(server.url + "v1/models").status_code == 401
+        assert httpx.get(server.url + "v1/models", headers=AUTH).json()["data"][0]["id"] == model.name
+        assert httpx.get(server.url, headers=AUTH).status_code == 404            # no page
+        assert httpx.post(server.url + "v1/classify", json={"input": "好"}, headers=AUTH).status_code == 200

@@ -38,6 +38,8 @@ class AppSettings:
         "help": "largest HTTP request body accepted, in bytes (HTTP 413 beyond, before anything is parsed)"})
     max_classify_texts: int = dataclasses.field(default=2048, metadata={
         "help": "most texts in one /v1/classify request (HTTP 400 beyond)"})
+    page: bool = dataclasses.field(default=True, metadata={
+        "help": "serve the Gradio page at / (--no-page: the API alone, without loading Gradio: ~150 MB less)"})
     temperature_range: tuple[float, float] = (0.0, 1.5)  # slider bounds; the default comes from Settings
     max_tokens_range: tuple[int, int] = (16, 512)  # slider bounds, in new tokens
 
