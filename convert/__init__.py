@@ -3,5 +3,6 @@
     python -m convert all Qwen/Qwen1.5-0.5B-Chat --out models
 
 Stages, one module each: `download` (huggingface-hub), `hf_to_gguf` (our streaming converter),
-`quantize` (llama.cpp's quantizer), `pipeline` (the three in a row, with a manifest).
+`quantize` (llama.cpp's quantizer), `pipeline` (the three in a row, with a manifest); and back, `gguf_to_hf`
+(a GGUF -> a checkout, dequantized, for tuning when there is no original checkout).
 """

@@ -6,6 +6,7 @@
     python -m convert to-gguf CHECKOUT OUT.gguf            # just convert (F16 by default)
     python -m convert quantize IN-F16.gguf OUT.gguf --type Q8_0
     python -m convert lora ADAPTER_DIR BASE.gguf OUT.gguf  # a PEFT LoRA adapter -> GGUF LoRA (F16 by default)
+    python -m convert checkout MODEL.gguf OUT_DIR          # the reverse: a GGUF -> a Hugging Face checkout
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from tqdm import tqdm
 
 from .defaults import MODELS_DIR
 from .download import DownloadError, resolve
+from .gguf_to_hf import DTYPES, convert_gguf_to_hf
 from .hf_to_gguf import OUTTYPES, convert_hf_to_gguf
 from .lora_to_gguf import convert_lora_to_gguf
 from .pipeline import DEFAULT_TYPES, build_models
@@ -89,6 +91,13 @@ def parser() -> argparse.ArgumentParser:
     lo.add_argument("base", type=Path, help="the model it was trained on: its GGUF file or its checkout folder")
     lo.add_argument("out", type=Path)
     lo.add_argument("--outtype", choices=list(OUTTYPES), default="F16", help="default: F16")
+
+    ck = sub.add_parser("checkout", help="rebuild a Hugging Face checkout from a Qwen GGUF (dequantized, torch-free), "
+                                         "for fine-tuning when there is no original checkout")
+    ck.add_argument("model", type=Path, help="the GGUF file (F16, Q8_0, Q4_K_M, ...)")
+    ck.add_argument("out", type=Path, help="the checkout folder to write (new or empty)")
+    ck.add_argument("--dtype", choices=list(DTYPES), default="F16",
+                    help="what quantized tensors become (default: F16; F32/F16/BF16 tensors keep their bytes)")
     return p
 
 
@@ -110,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
             print(quantize_gguf(args.src, args.dst, args.qtype, args.threads, progress=tqdm_bar("quantize", unit="tensor")))
         elif args.command == "lora":
             print(convert_lora_to_gguf(args.adapter, args.base, args.out, args.outtype, progress=tqdm_bar("convert")))
+        elif args.command == "checkout":
+            print(convert_gguf_to_hf(args.model, args.out, args.dtype, progress=tqdm_bar("dequantize", unit="tensor")))
     except (CheckpointError, DownloadError, FileNotFoundError, ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -366,7 +366,8 @@ def test_tune_without_its_environment_or_checkout_says_what_to_do(model, tmp_pat
     r = subprocess.run([sys.executable, "-m", "allinone_gguf", "tune", str(model), "--data", str(data)],
                        capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
     assert r.returncode == 2 and "make tune-env" in r.stderr and "Traceback" not in r.stderr
-    env["ALLINONE_TUNE_PYTHON"] = sys.executable       # an environment is there, but no manifest / --hf
+    env["ALLINONE_TUNE_PYTHON"] = sys.executable       # an environment, no manifest / --hf, and in the way of
+    (model.with_name(model.name[:-5] + "-hf") / "mine").mkdir(parents=True)   # the checkout rebuilt from the GGUF
     r = subprocess.run([sys.executable, "-m", "allinone_gguf", "tune", str(model), "--data", str(data)],
                        capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
     assert r.returncode == 2 and "--hf" in r.stderr and "Traceback" not in r.stderr

@@ -50,19 +50,53 @@ def tune_python() -> Path:
     return TUNE_PYTHON
 
 
-def find_checkout(model: Path, hf: str | None) -> Path:
-    """The Hugging Face checkout `model` was converted from: --hf, else the manifest beside the model."""
+def find_checkout(model: Path, hf: str | None, log=print) -> Path:
+    """The Hugging Face checkout `model` was converted from: --hf, else the manifest beside the model, else one
+    rebuilt from the GGUF itself (rebuilt_checkout)."""
     from convert.download import DownloadError, resolve
     if hf is None:
         manifest = model.parent / MANIFEST
         if not manifest.is_file():
-            raise TuneError(f"{model.name} has no {MANIFEST} beside it (not made by `make models`); pass --hf DIR, "
-                            "the Hugging Face checkout it was converted from")
+            return rebuilt_checkout(model, log)
         hf = json.loads(manifest.read_text(encoding="utf-8"))["source"]
     try:
         return resolve(hf, progress=True).checkout
     except DownloadError as e:
         raise TuneError(str(e)) from None
+
+
+def rebuilt_checkout(model: Path, log=print) -> Path:
+    """A Hugging Face checkout rebuilt from the GGUF (convert/gguf_to_hf.py) into `<source>-hf/` beside it, once:
+    from the family's F16 file when it holds the same weights (`<family>-F16.gguf`), else from `model` itself
+    (then the training sees the quantized weights the adapter will run with). Reused while the source file is
+    unchanged (size and mtime in the folder's gguf_source.json)."""
+    import shutil
+
+    from convert.gguf_to_hf import SOURCE_FILE, convert_gguf_to_hf
+    from convert.safetensors_np import CheckpointError
+    from ..runtime.adapter import model_family
+    source = model.with_name(model_family(model) + "-F16.gguf")
+    if not source.is_file() or source == model or weights_identity(source) != weights_identity(model):
+        source = model
+    cache = source.with_name(source.name.removesuffix(".gguf") + "-hf")
+    stat = source.stat()
+    marker = cache / SOURCE_FILE
+    if marker.is_file():
+        made = json.loads(marker.read_text(encoding="utf-8"))
+        if (made.get("gguf"), made.get("bytes"), made.get("mtime_ns")) == (source.name, stat.st_size, stat.st_mtime_ns):
+            log(f"no {MANIFEST} beside {model.name} and no --hf: training on {cache}, rebuilt from {source.name} "
+                "before")
+            return cache
+        shutil.rmtree(cache)       # rebuilt by us from an older file of that name
+    elif cache.exists():
+        raise TuneError(f"{cache}: in the way of the checkout rebuilt from {source.name} (not made by us); move it, "
+                        "or pass --hf DIR, the Hugging Face checkout the model was converted from")
+    log(f"no {MANIFEST} beside {model.name} and no --hf: rebuilding a Hugging Face checkout from {source.name} "
+        f"into {cache} (dequantized, once; --hf DIR uses the original checkout instead)")
+    try:
+        return convert_gguf_to_hf(source, cache)
+    except (CheckpointError, ValueError) as e:
+        raise TuneError(f"{e}; pass --hf DIR, the Hugging Face checkout the model was converted from") from None
 
 
 def fit_temperature(margins: list[float], labels: list[int]) -> float:
@@ -148,7 +182,7 @@ def tune(model: str | Path, data: list[str], *, hf: str | None = None, dev: list
         if not f.is_file():
             raise TuneError(f"{f}: no such file")
     python = tune_python()
-    checkout = find_checkout(model, hf)
+    checkout = find_checkout(model, hf, log)
     out_gguf, out_meta = adapter_files(model)
     work = Path(work) if work else model.with_name(out_gguf.name[:-5] + "-work")
     work.mkdir(parents=True, exist_ok=True)
