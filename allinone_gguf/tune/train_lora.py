@@ -191,6 +191,21 @@ def fingerprint(a, bf16: bool) -> dict:
             "autocast_bf16": bf16, "longest_first": a.longest_first}
 
 
+def checkout_config(checkout: str):
+    """The checkout's config as the runtime's GGUF has it. transformers 5 writes the RoPE base as
+    rope_parameters.rope_theta, which the pinned 4.x does not read: it would train at its default base of 10,000
+    a model that runs at 1,000,000 (Qwen2.5), and the adapter would learn on other attention than it serves."""
+    from transformers import AutoConfig
+    config = AutoConfig.from_pretrained(checkout)
+    raw = json.loads((Path(checkout) / "config.json").read_text(encoding="utf-8"))
+    theta = raw.get("rope_theta", (raw.get("rope_parameters") or {}).get("rope_theta"))
+    if theta is not None and getattr(config, "rope_theta", theta) != theta:
+        print(f"config.json gives the RoPE base as rope_parameters: using {theta} (transformers read "
+              f"{config.rope_theta})", file=sys.stderr, flush=True)
+        config.rope_theta = float(theta)
+    return config
+
+
 def main(argv=None) -> int:
     stop = {"asked": False}
 
@@ -244,7 +259,7 @@ def main(argv=None) -> int:
     train = [r for r in rows if r["split"] == "train"]
     held = [r for r in rows if r["split"] == "held"]
     dtype = torch.bfloat16 if a.base_dtype == "bf16" else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(a.checkout, dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(a.checkout, config=checkout_config(a.checkout), dtype=dtype)
     config = LoraConfig(r=a.rank, lora_alpha=a.alpha, lora_dropout=0.0, target_modules=a.targets.split(","),
                         task_type="CAUSAL_LM")
     model = get_peft_model(model, config)        # the LoRA's weights in fp32 (autocast_adapter_dtype)
