@@ -118,3 +118,14 @@ def test_json_schema_replies_parse_and_validate_on_the_real_model(bot):
         value = json.loads(reply)
         assert set(value) == {"sentiment", "urgent"} and isinstance(value["urgent"], bool), reply
         assert value["sentiment"] in ("positive", "negative")
+
+
+def test_respond_gives_the_labels_and_confidences_classify_gives(bot):
+    """respond() decodes the text's frame in the same batches as the reply's prompt (other batch shapes, so other
+    float rounding): the labels are the same and the confidences agree to 1e-3 (issue 18's bound)."""
+    for seed, (text, _) in enumerate(CLEAR):
+        alone = bot.classify(text)
+        with bot.respond(text, max_tokens=2, seed=seed) as stream:
+            together = stream.sentiment()
+            "".join(stream)
+        assert together.label == alone.label and abs(together.confidence - alone.confidence) <= 1e-3, text
