@@ -103,20 +103,31 @@ def score(gold: list[str], predicted: list[str], labels: tuple[str, ...] = (POSI
                  confusion=confusion, invalid=invalid, labels=labels)
 
 
+def reliability(gold_positive: list[bool], p_positive: list[float], bins: int = 10
+                ) -> list[tuple[float, float, int]]:
+    """(mean confidence, share right, answers) of each non-empty confidence bin: the confidence of an answer is
+    the larger of P(pos), P(neg), binned in `bins` equal steps from 0.5 to 1 (a reliability diagram's points).
+
+        >>> reliability([True, False], [0.9, 0.2])
+        [(0.8, 1.0, 1), (0.9, 1.0, 1)]
+    """
+    buckets: dict[int, list[tuple[float, bool]]] = {}
+    for g, p in zip(gold_positive, p_positive):
+        conf = max(p, 1 - p)
+        buckets.setdefault(min(bins - 1, int((conf - 0.5) * 2 * bins)), []).append((conf, (p > 0.5) == g))
+    return [(round(sum(c for c, _ in b) / len(b), 6), sum(r for _, r in b) / len(b), len(b))
+            for _, b in sorted(buckets.items())]
+
+
 def expected_calibration_error(gold_positive: list[bool], p_positive: list[float], bins: int = 10) -> float:
-    """ECE: the confidence of each answer (the larger of P(pos), P(neg)) against how often such answers are right,
-    in `bins` equal-width confidence bins, weighted by the bin's share of answers.
+    """ECE: the confidence of each answer against how often such answers are right, per reliability() bin,
+    weighted by the bin's share of answers.
 
         >>> expected_calibration_error([True, False], [0.9, 0.2])
         0.15
     """
     if not gold_positive:
         return float("nan")
-    buckets: dict[int, list[tuple[float, bool]]] = {}
-    for g, p in zip(gold_positive, p_positive):
-        conf = max(p, 1 - p)
-        right = (p > 0.5) == g
-        buckets.setdefault(min(bins - 1, int((conf - 0.5) * 2 * bins)), []).append((conf, right))
     total = len(gold_positive)
-    return round(sum(abs(sum(c for c, _ in b) / len(b) - sum(r for _, r in b) / len(b)) * len(b) / total
-                     for b in buckets.values()), 6)
+    return round(sum(abs(conf - right) * n / total
+                     for conf, right, n in reliability(gold_positive, p_positive, bins)), 6)

@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from allinone_gguf.scoring import reliability
 from conftest import FakeRuntime
 
 import allinone_gguf.runtime
@@ -53,7 +55,8 @@ def test_evaluate_figures_on_controlled_margins(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(allinone_gguf.runtime, "AllInOne", FakeBot)
     rows = [("1", "很好!"), ("1", "好"), ("1", "一般!"), ("0", "差"), ("0", "不好"), ("0", "太差!"), ("0", "  ")]
     data = write_set(tmp_path / "fake.csv", rows)
-    assert evaluate.main([str(tmp_path / "x.gguf"), str(data), "--sweep", "--inject"]) == 0
+    png = tmp_path / "reliability.png"
+    assert evaluate.main([str(tmp_path / "x.gguf"), str(data), "--sweep", "--inject", "--reliability", str(png)]) == 0
     out = capsys.readouterr().out
     # predictions: 很好! 正面, 好 正面, 一般! 负面, 差 负面, 不好 正面, 太差! 负面; the blank text is left out
     assert "fake.csv (grammar): n=6 accuracy=0.667 recall 正面=0.667 负面=0.667" in out
@@ -66,6 +69,11 @@ def test_evaluate_figures_on_controlled_margins(monkeypatch, tmp_path, capsys):
     assert "| fake.csv | grammar | 0.667 | 0.67 | 0.67 | 0.139 |" in out and " 50.0% |" in out
     # ECE: three answers at sigmoid(2) = 0.881 with 2 right, three at sigmoid(1) = 0.731 with 2 right
     assert "ECE 0.139" in out
+    # the diagram: two bins (0.731 with 2 of 3 right, 0.881 with 2 of 3 right), drawn
+    from PIL import Image
+    assert Image.open(png).size[0] == 560 and f"reliability diagram: {png}" in out
+    assert reliability([True, True, True, False, False, False], [0.881, 0.881, 0.269, 0.269, 0.881, 0.269]) == \
+        [(0.731, pytest.approx(2 / 3), 3), (0.881, pytest.approx(2 / 3), 3)]
 
 
 def test_evaluate_reports_the_accuracy_and_flips_classify_gives(tiny_models, tmp_path):

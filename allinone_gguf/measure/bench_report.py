@@ -148,7 +148,7 @@ def render_markdown(report: dict) -> str:
 
 # ------------------------------------------------------------------------------------------------------ PNG
 
-def _font(size: int):
+def font(size: int):
     from PIL import ImageFont
     try:
         return ImageFont.load_default(size=size)
@@ -159,8 +159,8 @@ def _font(size: int):
 def _panel(draw, box, title, groups, series, values, fmt) -> None:
     """Grouped bars in box = (x0, y0, x1, y1): one group per `groups`, one bar per series (model)."""
     x0, y0, x1, y1 = box
-    font, small = _font(15), _font(11)
-    draw.text((x0, y0), title, fill="black", font=font)
+    big, small = font(15), font(11)
+    draw.text((x0, y0), title, fill="black", font=big)
     top, bottom = y0 + 30, y1 - 28
     draw.line((x0, bottom, x1, bottom), fill="#888888")
     finite = [v for row in values for v in row if _num(v) is not None]
@@ -197,12 +197,12 @@ def render_png(report: dict, path: Path) -> Path | None:
     c = report["conditions"]
     draw.text((20, 12), f"make bench, {c['date'][:10]}: {c['cpu']}, {c['n_threads']} threads, "
                         f"context {c['n_ctx']}, load average {c['loadavg_start'][0]:.2f}",
-              fill="black", font=_font(17))
+              fill="black", font=font(17))
     x = 20
     for i, name in enumerate(names):
         draw.rectangle((x, 44, x + 14, 58), fill=COLORS[i % len(COLORS)])
-        draw.text((x + 20, 43), name, fill="black", font=_font(14))
-        x += 40 + int(draw.textlength(name, font=_font(14)))
+        draw.text((x + 20, 43), name, fill="black", font=font(14))
+        x += 40 + int(draw.textlength(name, font=font(14)))
     third = (width - 80) // 3
     _panel(draw, (20, 80, 20 + third, 440), "sentiment latency p50 (ms)", list(LENGTHS), names,
            [[_get(m, "sentiment", "alone", k, "p50_ms") for k in LENGTHS] for m in entries], "{:.0f}")

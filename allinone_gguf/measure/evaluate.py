@@ -23,7 +23,7 @@ from pathlib import Path
 
 from ..faces.flags import add_settings_arguments, overrides
 from ..runtime import sigmoid
-from ..scoring import NEGATIVE, POSITIVE, expected_calibration_error, read_labeled_csv, score
+from ..scoring import NEGATIVE, POSITIVE, expected_calibration_error, read_labeled_csv, reliability, score
 
 # Settings fields the script exposes as flags.
 EVALUATE_SETTINGS = ("labels", "sentiment_adapter", "sentiment_prompt", "sentiment_bias", "sentiment_tokens",
@@ -77,6 +77,38 @@ def ece_of(gold: list[str], ms: list[float], bias: float) -> float:
                                       [sigmoid(m + bias) for m in ms])
 
 
+def reliability_png(curves: list[tuple[str, list[tuple[float, float, int]]]], path: Path, title: str) -> Path:
+    """A reliability diagram: per file, the share of right answers against the confidence, bin by bin (a point's
+    size grows with its answers); the diagonal is a perfectly calibrated confidence."""
+    from PIL import Image, ImageDraw
+    from .bench_report import font
+    size, pad = 560, 60
+    img = Image.new("RGB", (size, size + 24 * len(curves)), "white")
+    draw = ImageDraw.Draw(img)
+    label_font = font(14)
+    xy = lambda conf, right: (pad + (conf - 0.5) * 2 * (size - 2 * pad), size - pad - right * (size - 2 * pad))  # noqa: E731
+    draw.rectangle([pad, pad, size - pad, size - pad], outline="#888")
+    draw.line([xy(0.5, 0.5), xy(1.0, 1.0)], fill="#bbb", width=2)
+    for v in (0.5, 0.75, 1.0):
+        draw.text((xy(v, 0)[0] - 12, size - pad + 6), f"{v:.2f}", fill="#444", font=label_font)
+        draw.text((pad - 44, xy(0.5, v)[1] - 8), f"{v:.2f}", fill="#444", font=label_font)
+    draw.text((pad, 20), title, fill="black", font=label_font)
+    draw.text((size // 2 - 40, size - 28), "confidence", fill="#444", font=label_font)
+    colors = ["#d64545", "#2e9d57", "#3a6fd8", "#d89a2e", "#8e44ad", "#16a085", "#555"]
+    for k, (name, points) in enumerate(curves):
+        color = colors[k % len(colors)]
+        pts = [xy(c, r) for c, r, _ in points]
+        if len(pts) > 1:
+            draw.line(pts, fill=color, width=2)
+        for (x, y), (_, _, n) in zip(pts, points):
+            r = 2 + min(6, n // 10)
+            draw.ellipse([x - r, y - r, x + r, y + r], fill=color)
+        draw.text((pad, size + 4 + 24 * k), f"— {name}", fill=color, font=label_font)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+    return path
+
+
 def error_lines(rows: list[tuple[str, str]], ms: list[float], bias: float, n: int) -> list[str]:
     """The `n` most confident wrong answers of each kind (a gold label called the other): where label noise and
     the model's blind spots show."""
@@ -90,8 +122,9 @@ def error_lines(rows: list[tuple[str, str]], ms: list[float], bias: float, n: in
     return lines
 
 
-def evaluate_with(bot, datasets, a, summary: list[str]) -> None:
-    """Every file through `bot`: the figures, printed and added to `summary` as Markdown rows."""
+def evaluate_with(bot, datasets, a, summary: list[str], curves: list) -> None:
+    """Every file through `bot`: the figures, printed and added to `summary` as Markdown rows, and each file's
+    reliability points to `curves`."""
     cfg = bot.settings
     for path, rows in datasets:
         gold = [g for g, _ in rows]
@@ -100,6 +133,8 @@ def evaluate_with(bot, datasets, a, summary: list[str]) -> None:
         p50 = statistics.median(secs)
         source = bot.classify(rows[0][1], labels=cfg.labels).source if rows else "-"
         ece = ece_of(gold, ms, cfg.sentiment_bias)
+        curves.append((f"{path.name} ({source}, ECE {ece:.3f})",
+                       reliability([g == POSITIVE for g in gold], [sigmoid(m + cfg.sentiment_bias) for m in ms])))
         print(f"\n{path.name} ({source}): n={s.n} accuracy={s.accuracy:.3f} recall 正面={s.recall[POSITIVE]:.3f} "
               f"负面={s.recall[NEGATIVE]:.3f}  ECE {ece:.3f}  p50 {p50 * 1000:.0f} ms/text")
         print(s.table())
@@ -129,11 +164,14 @@ def main(argv: list[str] | None = None) -> int:
                    help="also run the grammar path (--sentiment-adapter off) and print both side by side")
     p.add_argument("--errors", type=int, default=0, metavar="N",
                    help="print the N most confident wrong answers of each kind per file")
+    p.add_argument("--reliability", type=Path, default=None, metavar="PNG",
+                   help="also draw each file's reliability diagram (confidence against accuracy) into PNG")
     a = p.parse_args(argv)
     from ..runtime import AllInOne, ModelLoadError  # late: --help does not load llama.cpp
     given = overrides(a, EVALUATE_SETTINGS)
     runs = [given] + ([{**given, "sentiment_adapter": "off"}] if a.compare else [])
     summary: list[str] = []
+    curves: list = []
     for settings in runs:
         try:
             datasets = [(path, read_labeled_csv(path, a.limit or 0, empty="skip")) for path in a.csv]
@@ -144,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"model {a.model.name}  prompt {cfg.sentiment_prompt}  labels {cfg.labels}  bias "
                       f"{cfg.sentiment_bias:+.2f}  adapter "
                       f"{adapter.path.name + f' (temperature {adapter.temperature}, prompt {adapter.prompt})' if adapter else 'none'}")
-                evaluate_with(bot, datasets, a, summary)
+                evaluate_with(bot, datasets, a, summary, curves)
         except (ModelLoadError, OSError, RuntimeError, ValueError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
@@ -152,6 +190,8 @@ def main(argv: list[str] | None = None) -> int:
             + (" injection flips |" if a.inject else ""))
     rule = "|---" * (head.count("|") - 1) + "|"
     print("\n" + "\n".join([head, rule, *summary]))
+    if a.reliability:
+        print(f"reliability diagram: {reliability_png(curves, a.reliability, f'{a.model.name}: reliability')}")
     return 0
 
 
