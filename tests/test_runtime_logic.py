@@ -675,3 +675,29 @@ def test_a_new_conversation_shares_the_system_prompt_another_slot_holds(bot):
     # only the new turn and the sampled tokens were decoded (each sampled token is fed back; the end is not)
     assert b.decoded - before == second.usage["prompt_tokens"] - second.usage["cached_tokens"] + \
         second.usage["completion_tokens"] and len(slots) == 1
+
+
+def test_a_reply_waiting_for_its_first_token_is_not_slowed_by_a_large_classification():
+    with GatedBot("fake.gguf", n_threads=1, n_ctx=2048, sentiment_prompt="seed") as bot:
+        b = backend(bot)
+        b.armed = True
+        results: dict = {}
+        big = threading.Thread(target=lambda: results.update(big=bot.classify_many(["好" * 20] * 300)))
+        big.start()
+        assert b.entered.acquire(timeout=30)          # the large job's first group is being decoded
+        stream = bot.respond("差差差", max_tokens=3)
+        while bot.load["waiting"] == 0 and not bot.load["streams"]:
+            time.sleep(0.001)
+        seen = len(b.texts_per_step)
+        for _ in range(3):                             # the label with the prompt, then the cue: then a token
+            b.proceed.release()
+            assert b.entered.acquire(timeout=30)
+        # the steps that carried the reply's label, prompt and cue had no text of the large job beside them
+        assert b.texts_per_step[seen:seen + 2] == [1, 0], b.texts_per_step
+        b.armed = False
+        b.proceed.release()
+        assert stream.sentiment().label == "负面" and "".join(stream)
+        while big.is_alive():
+            b.proceed.release()
+            big.join(timeout=0.05)
+        assert len(results["big"]) == 300

@@ -296,8 +296,12 @@ class Scheduler:
 
     def _next_group(self, room: int) -> tuple[ClassifyJob | None, list | None]:
         """The next group of texts to decode and its job, when it fits `room` tokens. Classifications take turns,
-        a group each: a one-text request (a chat message's label) never waits behind a large file's."""
-        while self._classify:
+        a group each: a one-text request (a chat message's label) never waits behind a large file's. While a
+        reply waits for its first token (its prompt, its label or the cue after it), a large classification's
+        groups (hundreds of tokens a step) sit out, so that reply's few decodes stay small; they resume as soon as
+        it streams."""
+        urgent = any(not j.sampled for j in self._streams)
+        for _ in range(len(self._classify)):
             job = self._classify[0]
             try:
                 group = job.groups.peek()
@@ -305,8 +309,9 @@ class Scheduler:
                 self._classify.popleft()
                 job.fail(exc)
                 continue
-            if group is None or sum(len(t) for _, t in group) > room:
-                return None, None
+            if group is None or sum(len(t) for _, t in group) > room or (urgent and len(job.results) > len(self.branch_seqs)):
+                self._classify.rotate(-1)
+                continue
             self._classify.rotate(-1)
             return job, job.groups.pop()
         return None, None
