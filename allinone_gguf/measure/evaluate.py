@@ -91,10 +91,12 @@ def reliability_png(curves: list[tuple[str, list[tuple[float, float, int]]]], pa
     draw.line([xy(0.5, 0.5), xy(1.0, 1.0)], fill="#bbb", width=2)
     for v in (0.5, 0.75, 1.0):
         draw.text((xy(v, 0)[0] - 12, size - pad + 6), f"{v:.2f}", fill="#444", font=label_font)
+    for v in (0.0, 0.25, 0.5, 0.75, 1.0):
         draw.text((pad - 44, xy(0.5, v)[1] - 8), f"{v:.2f}", fill="#444", font=label_font)
     draw.text((pad, 20), title, fill="black", font=label_font)
     draw.text((size // 2 - 40, size - 28), "confidence", fill="#444", font=label_font)
-    colors = ["#d64545", "#2e9d57", "#3a6fd8", "#d89a2e", "#8e44ad", "#16a085", "#555"]
+    colors = ["#d64545", "#2e9d57", "#3a6fd8", "#d89a2e", "#8e44ad", "#16a085", "#555", "#e67e22", "#1abc9c",
+              "#c0392b", "#7f8c8d", "#2c3e50"]
     for k, (name, points) in enumerate(curves):
         color = colors[k % len(colors)]
         pts = [xy(c, r) for c, r, _ in points]
@@ -103,7 +105,7 @@ def reliability_png(curves: list[tuple[str, list[tuple[float, float, int]]]], pa
         for (x, y), (_, _, n) in zip(pts, points):
             r = 2 + min(6, n // 10)
             draw.ellipse([x - r, y - r, x + r, y + r], fill=color)
-        draw.text((pad, size + 4 + 24 * k), f"— {name}", fill=color, font=label_font)
+        draw.text((pad, size + 4 + 24 * k), f"- {name}", fill=color, font=label_font)
     path.parent.mkdir(parents=True, exist_ok=True)
     img.save(path)
     return path
