@@ -309,10 +309,10 @@ class Scheduler:
                 self._classify.popleft()
                 job.fail(exc)
                 continue
-            if group is None or sum(len(t) for _, t in group) > room or (urgent and len(job.results) > len(self.branch_seqs)):
-                self._classify.rotate(-1)
+            self._classify.rotate(-1)           # the next step starts from the next classification
+            unfit = group is None or sum(len(t) for _, t in group) > room
+            if unfit or (urgent and len(job.results) > len(self.branch_seqs)):
                 continue
-            self._classify.rotate(-1)
             return job, job.groups.pop()
         return None, None
 
@@ -386,15 +386,16 @@ class Scheduler:
     def _sample(self, job: ReplyJob, row: int) -> None:
         b = self.backend
         token = job.sampler.sample(row)
-        if job.logprobs is not None and not b.is_end(token):
-            logprob, top = b.logprobs(row, token, job.logprobs)
-            job.token_logprobs.append(TokenLogprob(b.piece(token), logprob, tuple((b.piece(i), lp) for i, lp in top)))
-        if self.backend.is_end(token):
+        if b.is_end(token):
             job.pending = []
             self._finish(job, "stop")
             return
+        piece = b.piece(token)
+        if job.logprobs is not None:      # recorded before the piece reaches the channel (ReplyStream.logprobs)
+            logprob, top = b.logprobs(row, token, job.logprobs)
+            job.token_logprobs.append(TokenLogprob(piece, logprob, tuple((b.piece(i), lp) for i, lp in top)))
         job.sampled.append(token)
-        if job.emit(self.backend.piece(token)):
+        if job.emit(piece):
             job.pending = []
             self._finish(job, "stop")
         elif len(job.sampled) >= job.max_tokens:
