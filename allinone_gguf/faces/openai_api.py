@@ -29,6 +29,8 @@ from typing import Any, Callable
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from .defaults import AppSettings
+
 log = logging.getLogger(__name__)
 
 RETRY_AFTER_S = 2           # what a client is told to wait when the queue is full or the model loads
@@ -155,7 +157,8 @@ def sentiment_json(s) -> dict:
 
 
 def build_router(get_bot: Callable[[], Any], model_name: Callable[[], str],
-                 is_ready: Callable[[], bool] = lambda: True, max_classify_texts: int = 2048) -> APIRouter:
+                 is_ready: Callable[[], bool] = lambda: True,
+                 max_classify_texts: int = AppSettings.max_classify_texts) -> APIRouter:
     """The /v1 routes and /health. `get_bot()` returns the loaded AllInOne (or raises while it loads). The API key
     and the body size bound are checked in front of every route (http_guard.Guard)."""
     router = APIRouter()
