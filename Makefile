@@ -62,7 +62,7 @@ SYSTEM_PACKAGES := chromium fonts-noto-cjk
 PROXY_TOOL ?= ../shared/tools/proxy-model.sh
 PYTEST_ARGS ?=
 
-.PHONY: help setup models run test system-packages bench bench-baseline bench-ray bench-api bench-messages bench-adapter clean reference-env ray-env tune tune-env
+.PHONY: help setup models run test system-packages bench bench-baseline bench-ray bench-api bench-messages bench-adapter clean reference-env ray-env tune tune-env tune-grid
 
 help:
 	@echo "make setup                 virtual env in $(VENV) with the pinned dependencies (builds llama-cpp-python, ~6 min the first time)"
@@ -72,6 +72,7 @@ help:
 	@echo "make bench [MODEL=...]     speed, memory and accuracy of the Q4_K_M and Q8_0 files (or MODEL=\"a.gguf b.gguf\"), then serving figures (1-8 concurrent streams vs bare llama_decode) of the first -> bench/results/"
 	@echo "make bench-baseline        the same plus the seeds' transformers FP32 approach on BASELINE=$(BASELINE) (needs make reference-env)"
 	@echo "make tune                  fine-tune the sentiment LoRA for MODEL (default: the Q4_K_M) on DATA (default: the train/ files)"
+	@echo "make tune-grid             the adapter's learning curve: tune once per setting (texts, targets, epochs, length) -> bench/results/tune-grid-* (~20 min a row on 2 cores)"
 	@echo "make bench-adapter         the sentiment adapter vs the grammar path on the dev files (accuracy, ECE, flips, latency, RSS)"
 	@echo "make tune-env              optional: $(TUNE_VENV) with torch + peft for make tune (built on first use)"
 	@echo "make reference-env         optional: $(REF_VENV) with torch + transformers for the reference-converter test"
@@ -181,6 +182,14 @@ $(TUNE_VENV)/.installed: allinone_gguf/tune/requirements.txt
 tune: setup tune-env
 	@test -f "$(TUNE_MODEL)" || $(MAKE) models
 	$(PYTHON) -m allinone_gguf tune "$(TUNE_MODEL)" --data $(or $(DATA),$(TUNE_DATA)) --dev $(TUNE_DEV) $(TUNE_ARGS)
+
+# One tune per setting of the grid, each into its own folder under ~/.cache (the shipped adapter is left alone);
+# reported on every dev file, English included. GRID_ARGS: e.g. --set texts=300,rank=32 --threads 1.
+GRID_ARGS ?=
+tune-grid: setup tune-env
+	@test -f "$(TUNE_MODEL)" || $(MAKE) models
+	$(PYTHON) -m allinone_gguf.measure.tune_grid "$(TUNE_MODEL)" --data $(or $(DATA),$(TUNE_DATA)) \
+	  --dev $(wildcard ../shared/data/sentiment/*.dev200.csv) $(GRID_ARGS)
 
 # The adapter beside MODEL (default: the app's model) against the grammar path, on the Chinese dev files.
 bench-adapter: setup

@@ -7,6 +7,7 @@ test also needs the reference environment, as tests/test_lora_convert.py does.
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import shutil
@@ -299,7 +300,6 @@ def tuned(tiny_models, tiny_checkout, tmp_path_factory):
 def test_tune_end_to_end_writes_an_adapter_the_runtime_uses(tuned):
     model, meta, seconds, r, tmp = tuned
     gguf, _ = adapter_files(model)
-    assert seconds < 120, seconds            # "in seconds" on the tiny model (generous for a loaded machine)
     assert meta["base_sha256"] == file_sha256(model) and meta["prompt"] == "guide" and meta["labels"] == "zh"
     assert meta["base_weights"] == weights_identity(model) and gguf.name == "tiny.sentiment-lora.gguf"
     assert meta["adapter_sha256"] == file_sha256(gguf) and meta["temperature"] > 0
@@ -307,6 +307,11 @@ def test_tune_end_to_end_writes_an_adapter_the_runtime_uses(tuned):
     files = meta["training"]["files"]
     assert files[0]["train_texts"] == 16 and files[0]["held_texts"] == 6 and meta["training"]["steps"] > 0
     assert set(meta["dev"]["dev.csv"]) >= {"accuracy", "recall"} and meta["dev"]["dev.csv"]["source"] == "adapter"
+    # the raw margins behind the temperature and the dev figures are kept for comparing calibrations
+    margins = json.loads((tmp / "work" / "margins.json").read_text(encoding="utf-8"))
+    assert len(margins["held"]) == 6 and {source for source, _, _ in margins["held"]} == {"train.csv"}
+    assert meta["temperature"] == fit_temperature([m for _, _, m in margins["held"]], [y for _, y, _ in margins["held"]])
+    assert len(margins["dev"]["dev.csv"]) == len(TEXTS)
     assert "tune:" in r.stderr and "wrote" in r.stderr          # progress bar and summary on stderr
     with AllInOne(model, n_ctx=1024) as bot:
         s = bot.classify("味道很好")
@@ -453,6 +458,24 @@ def test_peak_memory_is_reported_and_within_the_estimate(tuned, tiny_checkout):
 # the stand-in checkout's shape (checkout_shape: 630 M weights with its own lm_head, 24 layers) and its inputs
 # (a 94-token prefix, texts up to 261 tokens), for the pure estimates below
 SHAPE_05B = {"params": 630_167_424, "layers": 24, "hidden": 896, "intermediate": 4864, "heads": 14, "kv": 128}
+
+
+def test_grid_compares_one_temperature_with_one_per_language():
+    from allinone_gguf.measure.tune_grid import calibrations
+    rng = random.Random(0)
+
+    def rows(n, t, source):      # margins whose labels follow sigmoid(margin / t): t is the right temperature
+        out = []
+        for _ in range(n):
+            m = rng.uniform(-12, 12)
+            out.append([source, int(rng.random() < 1 / (1 + math.exp(-m / t))), m])
+        return out
+    held = rows(600, 1.0, "waimai.csv") + rows(600, 4.0, "sst2_glue.csv")
+    dev = {"waimai.dev.csv": [r[1:] for r in rows(600, 1.0, "")], "sst2_glue_dev.csv": [r[1:] for r in rows(600, 4.0, "")]}
+    c = calibrations({"held": held, "dev": dev})
+    per = c["per language"]["temperature"]
+    assert 0.7 < per["zh"] < 1.4 and 3.0 < per["en"] < 5.5
+    assert max(c["per language"]["ece"].values()) < max(c["one temperature"]["ece"].values())
 
 
 @pytest.mark.parametrize("limit, expected", [(64.0, 8), (3.0, 8), (2.2, 4), (1.8, None)])

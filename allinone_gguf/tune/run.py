@@ -259,17 +259,25 @@ def tune(model: str | Path, data: list[str], *, hf: str | None = None, dev: list
     write_metadata(out_meta, meta)
 
     # 4. temperature, fitted on the held-back texts read by the runtime with the adapter
-    held = [(e.label, e.text) for e in examples if e.split == "held"]
+    held_examples = [e for e in examples if e.split == "held"]
+    held = [(e.label, e.text) for e in held_examples]
     dev_results = {}
+    # the raw margins (before any temperature) of every held-back and dev text, kept in the work folder so that
+    # calibrations can be compared without reading the texts again (measure/tune_grid.py)
+    margins = {"held": [], "dev": {}}
     with AllInOne(model, sentiment_adapter=str(out_gguf), labels=s.labels, n_threads=threads, parallel=1) as bot:
         if held:
             found = score(bot, held, s.labels)
             meta["temperature"] = fit_temperature(found["margins"], [y for y, _ in held])
+            margins["held"] = [[e.source, e.label, m] for e, m in zip(held_examples, found["margins"])]
             log(f"held-back texts with the adapter: accuracy {found['accuracy']:.3f}; temperature "
                 f"{meta['temperature']}")
         for d in dev:
             rows = read_labelled(Path(d))
-            dev_results[Path(d).name] = {k: v for k, v in score(bot, rows, s.labels).items() if k != "margins"}
+            found = score(bot, rows, s.labels)
+            margins["dev"][Path(d).name] = [[y, m] for (y, _), m in zip(rows, found["margins"])]
+            dev_results[Path(d).name] = {k: v for k, v in found.items() if k != "margins"}
+    (work / "margins.json").write_text(json.dumps(margins) + "\n", encoding="utf-8")
     for name, r in dev_results.items():
         log(f"dev {name}: accuracy {r['accuracy']:.3f} with the adapter (recall {r['recall']})")
     meta["dev"] = dev_results
