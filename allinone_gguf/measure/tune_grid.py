@@ -31,6 +31,8 @@ from ..tune.run import TuneError, find_checkout, fit_temperature
 from .machine import cpu_info, git_commit, write_result
 
 FIELDS = {f.name: f for f in dataclasses.fields(TuneSettings)}
+# `checkout=gguf` (not a tune flag): train on the checkout rebuilt from MODEL itself (dequantized) instead of --hf
+KEYS = {*FIELDS, "checkout"}
 DEFAULT_WORK = Path.home() / ".cache" / "allinone-gguf" / "tune-grid"
 ALL = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 # The published grid (bench/results/tune-grid-*): fewer texts than tune's default, then one knob at a time. Every
@@ -52,13 +54,13 @@ def parse_setting(text: str) -> dict:
     key = None
     for part in text.split(","):
         name, eq, value = part.partition("=")
-        if eq and name.strip() in FIELDS:
+        if eq and name.strip() in KEYS:
             key = name.strip()
             pairs[key] = value.strip()
         elif key is not None:
             pairs[key] += "," + part.strip()
         else:
-            raise ValueError(f"--set {text!r}: {part!r} is not field=value (fields: {', '.join(FIELDS)})")
+            raise ValueError(f"--set {text!r}: {part!r} is not field=value (fields: {', '.join(KEYS)})")
     return pairs
 
 
@@ -102,11 +104,16 @@ def run_setting(model: Path, pairs: dict, args, folder: Path) -> dict:
     metas = list(folder.glob("*.sentiment-lora.json"))
     margins_file = folder / "work" / "margins.json"
     if not (metas and margins_file.is_file() and "dev" in json.loads(metas[0].read_text(encoding="utf-8"))):
-        cmd = [sys.executable, "-m", "allinone_gguf", "tune", str(link), "--hf", args.hf, "--work", str(folder / "work"),
-               "--data", *args.data, "--dev", *args.dev]
+        flags = dict(pairs)
+        source = flags.pop("checkout", "hf")
+        if source not in ("hf", "gguf"):
+            raise SystemExit(f"tune_grid: checkout={source}: hf (the original checkout) or gguf (rebuilt from MODEL)")
+        # no --hf and no manifest beside the link: tune rebuilds a checkout from the GGUF (cached beside it)
+        cmd = [sys.executable, "-m", "allinone_gguf", "tune", str(link), *(["--hf", args.hf] * (source == "hf")),
+               "--work", str(folder / "work"), "--data", *args.data, "--dev", *args.dev]
         if args.threads:
             cmd += ["--threads", str(args.threads)]
-        for k, v in pairs.items():
+        for k, v in flags.items():
             if FIELDS[k].type in (bool, "bool"):
                 cmd.append(f"--{k.replace('_', '-')}" if v.lower() in ("1", "true", "yes") else
                            f"--no-{k.replace('_', '-')}")
