@@ -7,6 +7,7 @@ serves every session; the runtime's worker queues and batches their requests.
     python app.py                                   # default model, http://127.0.0.1:7860
     python app.py --model models/Qwen1.5-0.5B-Chat/Qwen1.5-0.5B-Chat-Q8_0.gguf --port 7861
     python app.py --no-page                          # the API alone: no Gradio loaded (~150 MB less)
+    python app.py --rules docs/rules.example.txt     # /v1/classify items carry their moderation-rule matches
 
 The page is at `/`, the OpenAI-compatible API under `/v1` (allinone_gguf/faces/openai_api.py), `/health` says
 whether the model is loaded. Gradio's own named endpoints `classify` and `respond` stay:
@@ -38,12 +39,13 @@ from allinone_gguf.faces.defaults import AppSettings
 from allinone_gguf.faces.flags import add_dataclass_arguments, add_settings_arguments, overrides
 from allinone_gguf.faces.http_guard import Guard
 from allinone_gguf.faces.openai_api import build_router
+from allinone_gguf.faces.rules import RuleSet, RulesError, load_rules
 from allinone_gguf.faces.sessions import ModelSlot
 from allinone_gguf.faces.ui_helpers import is_loopback
 
 log = logging.getLogger("app")
 
-APP_FLAGS = ("model", "models_dir", "host", "port", "max_body_bytes", "max_classify_texts", "page")
+APP_FLAGS = ("model", "models_dir", "host", "port", "max_body_bytes", "max_classify_texts", "rules", "page")
 LOAD_FLAGS = ("n_threads", "n_ctx", "parallel", "max_queue")   # load-time knobs; per-reply ones are UI controls
 
 
@@ -62,12 +64,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def build_server(slot: ModelSlot, api_key: str | None, ui: AppSettings = AppSettings()) -> Guard:
+def build_server(slot: ModelSlot, api_key: str | None, ui: AppSettings = AppSettings(),
+                 rules: RuleSet | None = None) -> Guard:
     """One ASGI app: the OpenAI-compatible routes first, then the Gradio page mounted at /, all behind the Guard
-    (the API key on every route but /health, the body size bound)."""
+    (the API key on every route but /health, the body size bound). `rules`: ui.rules as read at start."""
     server = FastAPI(title="Qwen All-in-One (GGUF)", docs_url=None, redoc_url=None, openapi_url=None)
     server.include_router(build_router(lambda: slot.bot, lambda: Path(slot.current()).name,
-                                       is_ready=slot.ready.is_set, max_classify_texts=ui.max_classify_texts))
+                                       is_ready=slot.ready.is_set, max_classify_texts=ui.max_classify_texts,
+                                       rules=rules))
     app = server
     if ui.page:
         import gradio as gr
@@ -91,12 +95,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"warning: binding to {ui.host}: the app has no login and no --api-key, anyone who can reach this "
               "port can use it", file=sys.stderr)
     try:
+        rules = load_rules(ui.rules) if ui.rules else None     # a bad file stops here, before the model loads
+    except RulesError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if rules is not None:
+        log.info("rules: %d from %s, matched on every /v1/classify text", len(rules), rules.source)
+    try:
         slot = ModelSlot(ui.model, ui.models_dir, Settings(**args.load))
     except (ModelLoadError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    config = uvicorn.Config(build_server(slot, args.api_key, ui), host=ui.host, port=ui.port, log_level="warning",
-                            timeout_graceful_shutdown=2)
+    config = uvicorn.Config(build_server(slot, args.api_key, ui, rules), host=ui.host, port=ui.port,
+                            log_level="warning", timeout_graceful_shutdown=2)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

@@ -2,6 +2,7 @@
 
     python -m allinone_gguf classify reviews.csv -o scored.csv --gold label     # accuracy at the end
     python -m allinone_gguf classify messages.txt -o triage.csv --sort priority # negatives first
+    python -m allinone_gguf classify messages.txt -o triage.csv --sort priority --rules docs/rules.example.txt
     cat messages.jsonl | python -m allinone_gguf classify - --field body > scored.jsonl
     python -m allinone_gguf chat --model models/Qwen1.5-0.5B-Chat/Qwen1.5-0.5B-Chat-Q4_K_M.gguf
 
@@ -11,6 +12,8 @@ default model path (faces/defaults.py). llama.cpp is loaded only when a command 
 from __future__ import annotations
 
 import argparse
+import collections
+import functools
 import itertools
 import os
 import signal
@@ -21,12 +24,13 @@ import typing
 from pathlib import Path
 
 from ..runtime.config import Settings
-from .defaults import DEFAULT_MODEL
+from .defaults import DEFAULT_MODEL, AppSettings
 from .classify_common import CLASSIFY_SETTINGS, UserError, classify_group, print_gold
 from ..scoring import NEGATIVE, normalise_gold
-from .flags import add_settings_arguments, overrides
+from .flags import add_dataclass_arguments, add_settings_arguments, overrides
 from .ray_classify import add_engine_arguments, local_input, run_classify_ray
 from .rowio import RowWriter, count_done, detect_format, open_text, output_header, read_records, read_rows
+from .rules import RULE_COLUMNS, SEVERITIES, load_rules, row_columns, triage_key
 from .ui_helpers import badge
 
 # Settings fields each command exposes as flags (the sentiment role needs no sampling knobs).
@@ -79,12 +83,14 @@ def add_classify_parser(sub) -> None:
                         "accuracy, per-class recall and a confusion table at the end")
     p.add_argument("--sort", choices=["input", "priority"], default="input",
                    help="output order: input (default), or priority = negatives first, most confident first "
-                        "(then the least confident positives; rows with errors last). Rows are still written "
-                        "one by one to OUTPUT.part and sorted into OUTPUT at the end")
+                        "(then the least confident positives; rows with errors last); with --rules the most "
+                        "severe matched rule comes first, then that order. Rows are still written one by one to "
+                        "OUTPUT.part and sorted into OUTPUT at the end")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted run: keep OUTPUT's rows and classify only the rest")
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUTPUT")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    add_dataclass_arguments(p, AppSettings, ["rules"])
     add_model_argument(p)
     add_settings_arguments(p, CLASSIFY_SETTINGS)
     add_engine_arguments(p)
@@ -125,14 +131,21 @@ def count_lines(path: str) -> int | None:
     return lines + (last != b"\n")
 
 
-def priority_key(row: dict) -> tuple[int, float]:
-    """Sort key for --sort priority: P(negative) descending; rows without a label last."""
+def p_negative(row: dict) -> float | None:
+    """P(negative) of an output row (its values may be CSV strings); None for a row without a label."""
     try:
         confidence = float(row["confidence"])
         negative = normalise_gold(row["sentiment"]) == NEGATIVE
     except (KeyError, TypeError, ValueError):
-        return (1, 0.0)
-    return (0, -(confidence if negative else 1.0 - confidence))
+        return None
+    return confidence if negative else 1.0 - confidence
+
+
+def priority_key(row: dict, with_rules: bool = False) -> tuple:
+    """Sort key for --sort priority: with rules the most severe matched rule first, then P(negative)
+    descending; rows without a label last (rules.triage_key). Without rules an input column that happens to be
+    called `severity` is not read."""
+    return triage_key(row.get("severity") if with_rules else None, p_negative(row))
 
 
 def _write_all(path: str, fmt: str, header, rows: list[dict]) -> None:
@@ -150,11 +163,13 @@ def _write_all(path: str, fmt: str, header, rows: list[dict]) -> None:
 
 def run_classify(args) -> int:
     try:
+        rules = load_rules(args.rules) if args.rules else None   # a bad file stops here, before the model loads
         if args.engine == "ray":
-            return run_classify_ray(args)
+            return run_classify_ray(args, rules)
         args.input = local_input(args)
-    except ValueError as exc:
+    except ValueError as exc:  # rules.RulesError among them
         raise UserError(str(exc)) from None
+    key = functools.partial(priority_key, with_rules=rules is not None)
     out = args.output
     out_fmt_ext = detect_format(out) if out != "-" else None
     if args.resume and out == "-":
@@ -168,7 +183,12 @@ def run_classify(args) -> int:
     out_fmt = "jsonl" if (out_fmt_ext == "jsonl" or (out == "-" and in_fmt == "jsonl")) else "csv"
     if in_fmt == "jsonl" and out_fmt == "csv":
         raise UserError("JSONL input is written as JSONL: name the output *.jsonl")
+    if rules is not None and (clash := [c for c in RULE_COLUMNS if c in (header or ())]):
+        raise UserError(f"{args.input}: the input already has column(s) {', '.join(clash)}, which --rules adds; "
+                        "rename them first")
     columns = output_header(header, args.column) if out_fmt == "csv" else None
+    if columns is not None and rules is not None:
+        columns += RULE_COLUMNS
     say = (lambda *a: print(*a, file=sys.stderr)) if out == "-" else print
 
     if args.overwrite:
@@ -200,6 +220,7 @@ def run_classify(args) -> int:
     bar = tqdm(total=total, initial=done, unit="text", file=sys.stderr, disable=args.quiet,
                desc="classify", dynamic_ncols=True, mininterval=0.5)
     classified, bad, start = 0, [], time.perf_counter()
+    flagged = collections.Counter()      # rows this run by their highest matched severity (with --rules)
     rest = itertools.islice(records, done, None)
     try:
         # Rows go to the model a group at a time (classify_many decodes a group in one batch) and are written
@@ -220,6 +241,9 @@ def run_classify(args) -> int:
                     row.update(sentiment=None, confidence=None, error=rec.error)
                     bad.append(rec.line)
                     bar.write(f"{args.input}: {rec.error}", file=sys.stderr)
+                if rules is not None:           # beside the label, on every row with text, whatever its label
+                    row.update(row_columns(rules.match(rec.text)))
+                    flagged[row["severity"]] += 1
                 (kept.append(row) if kept is not None else writer.write(row))
                 if seen is not None:
                     seen.append(row)
@@ -239,10 +263,10 @@ def run_classify(args) -> int:
     if writer:
         writer.close()
     else:
-        _write_all("-", out_fmt, columns, sorted(kept, key=priority_key))
+        _write_all("-", out_fmt, columns, sorted(kept, key=key))
     rows = seen if seen is not None else (read_rows(work, out_fmt) if (args.gold or work != out) else [])
     if work != out:
-        _write_all(out, out_fmt, columns, sorted(rows, key=priority_key))
+        _write_all(out, out_fmt, columns, sorted(rows, key=key))
         os.remove(work)
     rate = f"{classified / seconds:.1f} texts/s" if seconds > 0 and classified else "no texts classified"
     say(f"classified {classified} texts in {seconds:.1f} s ({rate}; model loaded in {load_s:.1f} s)"
@@ -250,6 +274,10 @@ def run_classify(args) -> int:
     if bad:
         lines = ", ".join(map(str, bad[:20])) + (", ..." if len(bad) > 20 else "")
         say(f"{len(bad)} bad row{'s' * (len(bad) > 1)} written with an error field (input lines {lines})")
+    if rules is not None:
+        counts = ", ".join(f"{flagged[s]} {s}" for s in reversed(SEVERITIES) if flagged[s])
+        say(f"rules ({len(rules)} from {rules.source}): {sum(flagged.values()) - flagged[None]} of "
+            f"{sum(flagged.values())} rows matched" + (f" ({counts})" if counts else ""))
     if args.gold:
         print_gold(rows, args.gold, say)
     return 0

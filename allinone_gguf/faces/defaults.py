@@ -38,6 +38,10 @@ class AppSettings:
         "help": "largest HTTP request body accepted, in bytes (HTTP 413 beyond, before anything is parsed)"})
     max_classify_texts: int = dataclasses.field(default=2048, metadata={
         "help": "most texts in one /v1/classify request (HTTP 400 beyond)"})
+    rules: Path | None = dataclasses.field(default=None, metadata={
+        "help": "moderation rules file: keywords and regular expressions, each with a severity (format: "
+                "docs/rules-and-triage.md); each text's matches are reported beside its label and lead the triage "
+                "order; the label itself never changes (none = no rules)"})
     page: bool = dataclasses.field(default=True, metadata={
         "help": "serve the Gradio page at / (--no-page: the API alone, without loading Gradio: ~150 MB less)"})
     temperature_range: tuple[float, float] = (0.0, 1.5)  # slider bounds; the default comes from Settings

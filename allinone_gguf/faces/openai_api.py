@@ -12,8 +12,9 @@ Endpoints: GET /v1/models; POST /v1/chat/completions (stream as server-sent even
 temperature, top_p, seed, stop, usage; response_format json_object / json_schema, a grammar the reply is sampled
 under; logprobs / top_logprobs; a request with `tools` is refused with a 400, the model never calls a tool; the
 sentiment of the last user message as an extension object "sentiment": {"label", "confidence", "probs"} on the
-response and on the first stream chunk); POST /v1/classify (one text or a list of at most max_classify_texts);
-GET /health (503 while the model loads). Errors use OpenAI's shape {"error": {"message", "type", "param",
+response and on the first stream chunk); POST /v1/classify (one text or a list of at most max_classify_texts;
+"order": "triage" returns the items most urgent first, each keeping its input `index`; with `app.py --rules FILE`
+each item carries "severity" and its "rules" matches, faces/rules.py); GET /health (503 while the model loads). Errors use OpenAI's shape {"error": {"message", "type", "param",
 "code"}}. System messages are accepted and ignored: the assistant's own system prompt makes the reply empathetic.
 The model field is echoed; the loaded model answers. The API key and the body bound: http_guard.py.
 """
@@ -30,10 +31,12 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from .defaults import AppSettings
+from .rules import RuleSet, highest, match_json, triage_key
 
 log = logging.getLogger(__name__)
 
 RETRY_AFTER_S = 2           # what a client is told to wait when the queue is full or the model loads
+CLASSIFY_ORDERS = ("input", "triage")   # /v1/classify "order": the input's, or the most urgent first
 
 
 class ApiError(Exception):
@@ -158,9 +161,11 @@ def sentiment_json(s) -> dict:
 
 def build_router(get_bot: Callable[[], Any], model_name: Callable[[], str],
                  is_ready: Callable[[], bool] = lambda: True,
-                 max_classify_texts: int = AppSettings.max_classify_texts) -> APIRouter:
-    """The /v1 routes and /health. `get_bot()` returns the loaded AllInOne (or raises while it loads). The API key
-    and the body size bound are checked in front of every route (http_guard.Guard)."""
+                 max_classify_texts: int = AppSettings.max_classify_texts,
+                 rules: RuleSet | None = None) -> APIRouter:
+    """The /v1 routes and /health. `get_bot()` returns the loaded AllInOne (or raises while it loads); `rules`
+    (app.py --rules) are matched on every text /v1/classify labels. The API key and the body size bound are checked
+    in front of every route (http_guard.Guard)."""
     router = APIRouter()
 
     async def body_of(request: Request) -> dict:
@@ -209,11 +214,22 @@ def build_router(get_bot: Callable[[], Any], model_name: Callable[[], str],
             raise ApiError(400, f"input holds {len(texts)} texts, more than the {max_classify_texts} one request may "
                            "carry (max_classify_texts); send them in several requests", param="input",
                            code="too_many_inputs")
+        order = "input" if body.get("order") is None else body["order"]
+        if order not in CLASSIFY_ORDERS:
+            raise ApiError(400, f"order must be one of {', '.join(map(repr, CLASSIFY_ORDERS))}, not {order!r}",
+                           param="order")
         labels = body.get("labels")
         bot = bot_or_503()
         results = await asyncio.to_thread(bot.classify_many, texts, labels)
-        return {"object": "list", "model": model_name(),
-                "data": [{"index": i, **sentiment_json(s)} for i, s in enumerate(results)]}
+        data = [{"index": i, **sentiment_json(s)} for i, s in enumerate(results)]
+        if rules is not None:      # beside the label, never instead of it
+            found = await asyncio.to_thread(lambda: [rules.match(t) for t in texts])
+            for item, matches in zip(data, found):
+                item.update(severity=highest(matches), rules=[match_json(m) for m in matches])
+        if order == "triage":
+            p_negative = [s.confidence if s.is_negative else 1.0 - s.confidence for s in results]
+            data.sort(key=lambda item: triage_key(item.get("severity"), p_negative[item["index"]]))
+        return {"object": "list", "model": model_name(), "data": data}
 
     async def chat_completions(request: Request):
         body = await body_of(request)

@@ -8,9 +8,11 @@ The driver (this process) cuts the inputs into shards (shards.py) and runs
     chunks of 64 rows -> read each on this node (rowio's readers) -> map_batches(_Classifier) on any node
 where each of `--actors` actors holds one AllInOne with `--threads` llama.cpp threads and asks for as many CPUs.
 The driver collects the rows, writes each shard once all its rows are in, and keeps each (shard, row) once:
-every input row comes out exactly once, in input order within its shard. Inputs and output stay on the
-driver's machine; the model must be at the same path on every node (its sha256 is checked there). An actor that dies is restarted by Ray
-and its block retried (max_restarts / max_task_retries); `--resume` skips the shard files already written.
+every input row comes out exactly once, in input order within its shard. `--rules` (faces/rules.py) are matched
+on the driver as the rows come in (regular expressions are light next to the model); the rules file's sha256
+joins the plan --resume checks. Inputs and output stay on the driver's machine; the model must be at the same
+path on every node (its sha256 is checked there). An actor that dies is restarted by Ray and its block retried
+(max_restarts / max_task_retries); `--resume` skips the shard files already written.
 Ray is an optional extra: `pip install -e '.[ray]'` or `make ray-env`.
 """
 from __future__ import annotations
@@ -30,6 +32,7 @@ from convert.defaults import MANIFEST as MODELS_MANIFEST
 from ..runtime.config import Settings
 from .classify_common import CLASSIFY_SETTINGS, classify_group, print_gold
 from .flags import add_dataclass_arguments, overrides
+from .rules import RULE_COLUMNS, RuleSet, row_columns
 from .shards import (MANIFEST, OUTPUT_FORMATS, SHARD_PREFIX, Chunk, InputFile, Manifest, Shard,
                      check_output_format, clear_output, default_output_format, expand_inputs, output_columns,
                      plan_record, plan_shards, read_span, shard_file, write_shard)
@@ -228,7 +231,7 @@ def _prepare_output(out: Path, args, plan: dict) -> Manifest | None:
                 raise ValueError(f"{out} has shard files but no {MANIFEST}: --overwrite starts again")
             return None
         if earlier.plan != plan:
-            changed = sorted(k for k in plan if plan[k] != earlier.plan.get(k))
+            changed = sorted(k for k in plan.keys() | earlier.plan.keys() if plan.get(k) != earlier.plan.get(k))
             raise ValueError(f"{out} was written for other {', '.join(changed)}; --overwrite starts again, or "
                              "pick another output folder")
         for tmp in out.glob(SHARD_PREFIX + "*.tmp"):   # a shard cut off by the interruption
@@ -247,8 +250,9 @@ def _read_output_rows(path: Path, fmt: str) -> list[dict]:
     return read_rows(str(path), fmt)
 
 
-def run_classify_ray(args: argparse.Namespace) -> int:
-    """`classify --engine ray`; ValueError for a user's mistake (the CLI prints it as one line)."""
+def run_classify_ray(args: argparse.Namespace, rules: RuleSet | None = None) -> int:
+    """`classify --engine ray`, with the rules already read; ValueError for a user's mistake (the CLI prints it as
+    one line)."""
     ray = _import_ray()
     if ray is None:
         raise ValueError(INSTALL_HINT)
@@ -264,16 +268,24 @@ def run_classify_ray(args: argparse.Namespace) -> int:
         raise ValueError(f"{model}: no such model file (make models builds one)")
     inputs, shards, chunks = plan_shards(expand_inputs(args.input), args.format, args.column, args.gold,
                                          opts.shard_rows, ROWS_PER_BLOCK)
+    if rules is not None:
+        for f in inputs:
+            if clash := [c for c in RULE_COLUMNS if c in (f.header or ())]:
+                raise ValueError(f"{f.path}: the input already has column(s) {', '.join(clash)}, which --rules adds; "
+                                 "rename them first")
     out_fmt = opts.output_format or default_output_format(inputs)
     check_output_format(inputs, out_fmt)
     sha256, sha_from = expected_sha256(model)
     answers = {k: v for k, v in asdict(full).items() if k != "n_threads"}   # the settings that change labels
+    # no "rules" key without --rules, so the plans of earlier runs still match
+    with_rules = {"rules": {"file": rules.source, "sha256": rules.sha256}} if rules else {}
     plan = plan_record(inputs, shards, column=args.column, gold=args.gold, output_format=out_fmt,
-                       model={"path": str(model), "sha256": sha256, "sha256_from": sha_from}, settings=answers)
+                       model={"path": str(model), "sha256": sha256, "sha256_from": sha_from}, settings=answers,
+                       **with_rules)
     out = Path(args.output)
     earlier = _prepare_output(out, args, plan)
     out.mkdir(parents=True, exist_ok=True)
-    sink = _Sink(out, out_fmt, inputs, shards, args.column)
+    sink = _Sink(out, out_fmt, inputs, shards, args.column, rules)
     if earlier:
         sink.keep_earlier(earlier)
 
@@ -328,8 +340,10 @@ def run_classify_ray(args: argparse.Namespace) -> int:
 class _Sink:
     """The driver's end of the pipeline: rows by shard, each shard written once all its rows are in."""
 
-    def __init__(self, out: Path, out_fmt: str, inputs: list[InputFile], shards: list[Shard], column: str):
+    def __init__(self, out: Path, out_fmt: str, inputs: list[InputFile], shards: list[Shard], column: str,
+                 rules: RuleSet | None = None):
         self.out, self.fmt, self.inputs, self.shards, self.column = out, out_fmt, inputs, shards, column
+        self.rules = rules
         self.errors: dict[int, int] = {}        # shard index -> bad rows, for the shards written
         self.todo = list(shards)
         self.pending: dict[int, dict[int, dict]] = {}
@@ -391,13 +405,17 @@ class _Sink:
         conf = float(batch["confidence"][i])
         row.update(sentiment=_text(batch["sentiment"][i]), confidence=None if conf != conf else conf,
                    error=_text(batch["error"][i]))
+        if self.rules is not None:
+            text = row.get(self.column)
+            row.update(row_columns(self.rules.match(text if isinstance(text, str) else "")))
         if row["error"]:
             bar.write(f"{self.inputs[shard.input].path}: {row['error']}", file=sys.stderr)
         rows[seq] = row
         bar.update()
         if len(rows) == shard.rows:
             ordered = [rows[k] for k in range(shard.rows)]
-            write_shard(self.path(shard), self.fmt, output_columns(self.inputs[shard.input], self.column), ordered)
+            columns = output_columns(self.inputs[shard.input], self.column) + list(RULE_COLUMNS if self.rules else ())
+            write_shard(self.path(shard), self.fmt, columns, ordered)
             self.errors[index] = sum(1 for r in ordered if r["error"])
             self.written, self.bad = self.written + shard.rows, self.bad + self.errors[index]
             del self.pending[index], by_index[index]

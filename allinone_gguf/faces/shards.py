@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Iterator
 
 from .rowio import OUTPUT_COLUMNS, Record, RowWriter, detect_format, output_header, read_records
+from .rules import RULE_COLUMNS
 
 PARQUET_EXTENSIONS = (".parquet", ".pq")
 TEXT_EXTENSIONS = (".csv", ".tsv", ".jsonl", ".ndjson", ".json", ".txt")
@@ -269,7 +270,7 @@ def _write_parquet(path: Path, rows: list[dict]) -> None:
         table = pa.Table.from_struct_array(pa.array(rows)) if rows else pa.table({})
     except (pa.ArrowInvalid, pa.ArrowTypeError):
         # values of mixed types in one column (JSONL objects differ): every input column as JSON text
-        keep = set(OUTPUT_COLUMNS)
+        keep = set(OUTPUT_COLUMNS) | set(RULE_COLUMNS)
         table = pa.Table.from_struct_array(pa.array(
             [{k: (v if k in keep else json.dumps(v, ensure_ascii=False)) for k, v in r.items()} for r in rows]))
     pq.write_table(table, path)
