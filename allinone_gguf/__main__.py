@@ -1,7 +1,8 @@
-"""`python -m allinone_gguf classify|chat|bench|tune`: the command line of the runtime.
+"""`python -m allinone_gguf classify|chat|watch|bench|tune`: the command line of the runtime.
 
     python -m allinone_gguf classify reviews.csv -o scored.csv --gold label
     python -m allinone_gguf chat
+    python -m allinone_gguf watch messages.csv --by author --time time -o watch/   # wellbeing alerts
     python -m allinone_gguf bench --model models/Qwen1.5-0.5B-Chat/Qwen1.5-0.5B-Chat-Q4_K_M.gguf
     python -m allinone_gguf tune MODEL.gguf --data ../shared/data/sentiment/train/*.csv   # sentiment LoRA
 
@@ -12,7 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .faces import cli, tune_cli
+from .faces import cli, tune_cli, watch
 from .measure import bench
 
 
@@ -24,6 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     cli.add_classify_parser(sub)
     cli.add_chat_parser(sub)
+    watch.add_watch_parser(sub)
     bench.add_bench_parser(sub)
     tune_cli.add_tune_parser(sub)
     return parser
