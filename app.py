@@ -45,7 +45,8 @@ from allinone_gguf.faces.ui_helpers import is_loopback
 
 log = logging.getLogger("app")
 
-APP_FLAGS = ("model", "models_dir", "host", "port", "max_body_bytes", "max_classify_texts", "rules", "page")
+APP_FLAGS = ("model", "models_dir", "host", "port", "max_body_bytes", "max_classify_texts", "rules", "page",
+             "wellbeing")
 LOAD_FLAGS = ("n_threads", "n_ctx", "parallel", "max_queue")   # load-time knobs; per-reply ones are UI controls
 
 
@@ -71,13 +72,14 @@ def build_server(slot: ModelSlot, api_key: str | None, ui: AppSettings = AppSett
     server = FastAPI(title="Qwen All-in-One (GGUF)", docs_url=None, redoc_url=None, openapi_url=None)
     server.include_router(build_router(lambda: slot.bot, lambda: Path(slot.current()).name,
                                        is_ready=slot.ready.is_set, max_classify_texts=ui.max_classify_texts,
-                                       rules=rules))
+                                       rules=rules, wellbeing=ui.wellbeing,
+                                       wellbeing_lookback=ui.wellbeing_lookback))
     app = server
     if ui.page:
         import gradio as gr
 
         from allinone_gguf.faces.page import build_app
-        demo = build_app(slot)
+        demo = build_app(slot, ui)
         demo.queue(default_concurrency_limit=1, max_size=slot.bot.settings.max_queue)   # as many as the runtime queues
         # Nothing that reaches out: no share tunnel, no node SSR server, no MCP, no PWA, no run history.
         app = gr.mount_gradio_app(server, demo, path="/", ssr_mode=False, mcp_server=False, pwa=False,

@@ -1,4 +1,6 @@
-"""The app's wiring and its page (faces/page.py, faces/sessions.py) against a fake runtime: model switching loads once, a turn streams, Stop closes the stream."""
+"""The app's wiring and its page (faces/page.py, faces/sessions.py) against a fake runtime: model switching loads once, a turn streams, Stop closes the stream.
+
+The wellbeing watch: the page notes a strongly negative stretch, the replies check in while it holds."""
 from dataclasses import dataclass, field
 
 import gradio as gr
@@ -9,6 +11,7 @@ from allinone_gguf.faces import page
 from conftest import ROOT, FakeRuntime
 from allinone_gguf.faces import sessions
 from allinone_gguf.faces.ui_helpers import BADGE_RE, badge
+from allinone_gguf.runtime.prompts import LABEL_SETS
 
 
 @dataclass
@@ -38,16 +41,21 @@ class FakeBot(FakeRuntime):
         return ("Positive", "Negative") if labels == "en" else ("正面", "负面")
 
     def classify(self, text, labels=None):
+        """负面 75 %, but 负面 95 % for a text with 难过 and 正面 90 % for one with 开心."""
         if not text.strip():
             raise ValueError("text is empty")
         pos, neg = self.label_set(labels)
-        return FakeSentiment(neg, 0.75, {pos: 0.25, neg: 0.75}, True)
+        if "开心" in text:
+            return FakeSentiment(pos, 0.9, {pos: 0.9, neg: 0.1}, False)
+        p = 0.95 if "难过" in text else 0.75
+        return FakeSentiment(neg, p, {pos: 1 - p, neg: p}, True)
 
     def respond(self, text, history=None, labels=None, temperature=None, max_tokens=None, seed=None,
-                conversation=None):
+                conversation=None, care=False):
         sentiment = self.classify(text, labels)
+        # the runtime asks a care function once the label is read; `care` records what it decided
         self.calls.append(dict(text=text, history=history, temperature=temperature, max_tokens=max_tokens,
-                               conversation=conversation))
+                               conversation=conversation, care=care(sentiment) if callable(care) else care))
         bot = self
 
         class Stream:
@@ -118,7 +126,8 @@ def test_a_turn_shows_the_badge_first_then_streams_with_clean_history(models, tm
                {"role": "assistant", "content": badge("正面", 0.9, False) + "\n\n早！"}]
     session = session_with(earlier, "考试没过")
     steps = list(page.answer(slot, session, [], "zh", 0.5, 64.0))
-    first_chat, mood, svg, status = steps[0]
+    first_chat, mood, svg, status, note, dismiss = steps[0]
+    assert not note.visible and not dismiss.visible             # one message at 75 %: no alert
     assert first_chat[-1] == {"role": "assistant", "content": "😢 LLM 情感判断: 负面 (置信度 75%)"}
     assert first_chat[-2] == {"role": "user", "content": "考试没过"}
     assert mood == [{"turn": 1, "mood": -0.5, "label": "负面"}] and 'data-label="负面"' in svg
@@ -220,3 +229,60 @@ def test_the_api_alone_loads_no_gradio():
             "print('gradio' in sys.modules)")
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and r.stdout.strip() == "False", r.stdout + r.stderr
+
+
+# -- the wellbeing watch (allinone_gguf/wellbeing.py's rule, faces/care.py) ---------------------------------------
+def notes(steps) -> list:
+    """Per turn, the note its badge step showed: its HTML, or None when hidden."""
+    badge_steps = [s for s in steps if s[4] != gr.skip()]
+    return [s[4].value if s[4].visible else None for s in badge_steps]
+
+
+def run_turns(slot, session, texts, mood=(), lang="zh"):
+    """(each turn's note, the mood chart's points after them) of answering `texts` after the points `mood`."""
+    session.pending.extend(texts)
+    steps = list(page.answer(slot, session, list(mood), lang, 0.7, 32))
+    return notes(steps), [s[1] for s in steps if s[1] != gr.skip()][-1]
+
+
+def test_the_watch_notes_a_strongly_negative_stretch_checks_in_while_it_holds_and_clears(models, tmp_path):
+    slot = sessions.ModelSlot(models["Q4_K_M"], tmp_path / "m", settings=None)
+    session = sessions.Session()
+    texts = ["我好难过", "还是难过", "考试没过", "今天也难过", "开心", "开心", "开心"]
+    shown, _ = run_turns(slot, session, texts)
+    # 75 % (考试没过) does not count: the alert fires at the 4th message (1, 2, 4 of the last 5 at >= 80 %), holds
+    # at the 5th, and ends at the 6th (of its last 5, only 2 and 4 count)
+    assert [n is not None for n in shown] == [False, False, False, True, True, False, False]
+    assert "第 1、2、4 轮" in shown[3] and "心情" in shown[3]
+    assert [c["care"] for c in slot.bot.calls] == [False, False, False, True, True, False, False]
+    assert [s.key for s in session.labelled] == [1, 2, 3, 4, 5, 6, 7]       # the mood chart's turn numbers
+    for label in (*LABEL_SETS["zh"], *LABEL_SETS["en"], "75", "95", "置信"):
+        assert all(label not in n for n in shown if n), label                  # the note names no label, no score
+
+
+def test_a_dismissed_note_stays_hidden_until_a_new_stretch_starts(models, tmp_path):
+    slot = sessions.ModelSlot(models["Q4_K_M"], tmp_path / "m", settings=None)
+    session = sessions.Session()
+    shown, mood = run_turns(slot, session, ["难过一", "难过二", "难过三"])
+    assert shown[-1] and "第 1、2、3 轮" in shown[-1]
+    note, button = page.dismiss_note(session)
+    assert not note.visible and not button.visible
+    shown, mood = run_turns(slot, session, ["难过四", "开心", "开心", "开心"], mood)
+    assert shown == [None] * 4                                                 # dismissed, then over (at 开心 #3)
+    assert [c["care"] for c in slot.bot.calls[3:]] == [True, True, True, False]   # the replies still check in
+    shown, _ = run_turns(slot, session, ["难过五", "难过六", "难过七"], mood, lang="en")
+    assert shown[:2] == [None, None] and "turns 8, 9, 10" in shown[2]          # a new stretch shows again, in English
+
+
+def test_clear_starts_the_watch_afresh_and_no_wellbeing_turns_it_off(models, tmp_path):
+    slot = sessions.ModelSlot(models["Q4_K_M"], tmp_path / "m", settings=None)
+    session = sessions.Session()
+    run_turns(slot, session, ["难过一", "难过二", "难过三"])
+    *_, note, button = page.clear_chat(session)
+    assert not note.visible and not button.visible and session.labelled == []
+    shown, _ = run_turns(slot, session, ["难过一", "难过二"])
+    assert shown == [None, None]                                               # two after Clear: no alert yet
+    off = sessions.Session(rule=None)                                          # app.py --no-wellbeing
+    shown, _ = run_turns(slot, off, ["难过一", "难过二", "难过三", "难过四"])
+    assert shown == [None] * 4 and [c["care"] for c in slot.bot.calls[-4:]] == [False] * 4
+    assert app.parse_args(["--no-wellbeing"]).ui.wellbeing is False and app.AppSettings().wellbeing is True

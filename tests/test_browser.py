@@ -271,6 +271,70 @@ def test_a_message_sent_during_a_reply_is_queued_not_lost(open_page):
     shot(page, "browser-queued-message.png")
 
 
+# The app on the runtime with test_runtime_logic.py's fake backend, whose labels are known: a text of 差 is 负面 at
+# > 99 %. The tiny model's labels are random, so they cannot show the wellbeing note on cue.
+FAKE_APP = """
+import sys
+sys.path[:0] = [sys.argv.pop(1), sys.argv.pop(1)]
+from test_runtime_logic import FakeBackend
+from allinone_gguf import AllInOne
+from allinone_gguf.faces import sessions
+class KnownLabels(AllInOne):
+    backend_class = FakeBackend
+sessions.AllInOne = KnownLabels
+import app
+sys.exit(app.main(sys.argv[1:]))
+"""
+
+
+@pytest.fixture
+def known_labels_app(tmp_path):
+    """The app (python app.py's main) on the fake backend; yields its URL once it says it is ready."""
+    import subprocess
+    import sys
+    from app_server import READY, free_port
+    model = tmp_path / "fake.gguf"
+    model.write_bytes(b"")
+    port, log = free_port(), tmp_path / "app.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-c", FAKE_APP, str(ROOT / "tests"), str(ROOT), "--model", str(model),
+                                 "--models-dir", str(tmp_path), "--port", str(port)], cwd=ROOT, stdout=out,
+                                stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while READY not in log.read_text(errors="replace"):      # the app prints it once the port is open
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text(errors="replace")
+            time.sleep(0.1)
+        yield f"http://127.0.0.1:{port}/"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+
+
+def test_three_strongly_negative_messages_bring_the_wellbeing_note_which_can_be_dismissed(browser, known_labels_app):
+    context = browser.new_context(viewport={"width": 1280, "height": 900}, locale="zh-CN")
+    try:
+        page = context.new_page()
+        page.goto(known_labels_app)
+        page.wait_for_selector("#message textarea")
+        page.evaluate(WATCH)
+        note = page.locator("#wellbeing-note .wellbeing-note")
+        for i, text in enumerate(["差差差", "还是差差差", "真的差差差"]):
+            assert not note.is_visible(), f"the note showed after {i} messages"
+            send(page, text)
+            wait_status(page, "done")
+        note.wait_for(state="visible")
+        assert "第 1、2、3 轮" in note.inner_text() and "负面" not in note.inner_text()
+        shot(page, "browser-wellbeing-note.png")
+        page.click("#wellbeing-dismiss")
+        note.wait_for(state="hidden")
+        send(page, "差差差")                       # the alert still holds: dismissed, it stays hidden
+        wait_status(page, "done")
+        assert not note.is_visible() and page.locator("#mood .mood-bar").count() == 4
+    finally:
+        context.close()
+
+
 def test_with_a_key_the_page_asks_for_it_once_then_works(browser, tiny_models):
     """--api-key guards the page too: a browser lands on the login form, and after it the whole app (Gradio's
     config, queue and stream routes) works on the session cookie alone."""

@@ -83,6 +83,17 @@ def test_stop_string_ends_the_reply(client):
         assert cut.choices[0].message.content == text[:1] and cut.choices[0].finish_reason == "stop"
 
 
+def test_the_wellbeing_trend_rides_on_the_reply_and_a_client_can_turn_it_off(client):
+    messages = [{"role": "system", "content": "ignored"}, {"role": "user", "content": "我好难过"},
+                {"role": "assistant", "content": "怎么了？"}, {"role": "user", "content": "考试又没过"}]
+    r = client.chat.completions.create(model="any", messages=messages, max_tokens=4)
+    trend = r.model_extra["wellbeing"]
+    # whatever the tiny model's labels: two messages cannot make 3 of the last 5 (the rule's default)
+    assert trend["alert"] is None and trend["negative_share"] in (0.0, 0.5, 1.0)
+    off = client.chat.completions.create(model="any", messages=messages, max_tokens=4, extra_body={"wellbeing": False})
+    assert "wellbeing" not in off.model_extra and off.model_extra["sentiment"]["label"] in LABELS
+
+
 @pytest.mark.parametrize("body, status, fragment", [
     (b"{not json", 400, "not valid JSON"),
     (b'{"model": "m"}', 400, "messages must be a non-empty list"),

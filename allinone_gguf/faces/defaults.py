@@ -16,6 +16,8 @@ from pathlib import Path
 
 from convert.defaults import DEFAULT_QUANT, DEFAULT_SOURCE, MODELS_DIR, model_file
 
+from ..wellbeing import AlertRule
+
 
 DEFAULT_MODEL = model_file(DEFAULT_SOURCE)
 DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 7860
@@ -44,6 +46,14 @@ class AppSettings:
                 "order; the label itself never changes (none = no rules)"})
     page: bool = dataclasses.field(default=True, metadata={
         "help": "serve the Gradio page at / (--no-page: the API alone, without loading Gradio: ~150 MB less)"})
+    wellbeing: bool = dataclasses.field(default=True, metadata={
+        "help": "the wellbeing watch (allinone_gguf/wellbeing.py's rule): while a conversation's recent messages stay "
+                "strongly negative, the page shows a dismissible note, the API's chat replies carry a `wellbeing` "
+                "object, and the replies check in gently (--no-wellbeing: none of these)"})
+    # User messages of one API chat request the watch reads, the last included: the earlier ones (at most this - 1)
+    # are classified in one batch before the reply starts. The rule's window decides whether an alert holds; the few
+    # more let an alert that began a little earlier report its first messages.
+    wellbeing_lookback: int = AlertRule.window + 3
     temperature_range: tuple[float, float] = (0.0, 1.5)  # slider bounds; the default comes from Settings
     max_tokens_range: tuple[int, int] = (16, 512)  # slider bounds, in new tokens
 

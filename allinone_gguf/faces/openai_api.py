@@ -16,7 +16,10 @@ response and on the first stream chunk); POST /v1/classify (one text or a list o
 "order": "triage" returns the items most urgent first, each keeping its input `index`; with `app.py --rules FILE`
 each item carries "severity" and its "rules" matches, faces/rules.py); GET /health (503 while the model loads). Errors use OpenAI's shape {"error": {"message", "type", "param",
 "code"}}. System messages are accepted and ignored: the assistant's own system prompt makes the reply empathetic.
-The model field is echoed; the loaded model answers. The API key and the body bound: http_guard.py.
+The model field is echoed; the loaded model answers. The API key and the body bound: http_guard.py. The wellbeing
+watch (faces/care.py) reads a chat request's recent user messages: the reply and the first stream chunk carry
+"wellbeing": {"negative_share", "alert"}, and while the alert holds the reply checks in gently; a request's
+"wellbeing": false (or app.py --no-wellbeing) turns it off.
 """
 from __future__ import annotations
 
@@ -30,6 +33,8 @@ from typing import Any, Callable
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from ..wellbeing import AlertRule
+from .care import check_in, labelled, trend_json
 from .defaults import AppSettings
 from .rules import RuleSet, highest, match_json, triage_key
 
@@ -154,6 +159,21 @@ def logprobs_json(entries) -> dict:
                         for e in entries], "refusal": None}
 
 
+def user_messages(messages: list) -> list[tuple[int, str]]:
+    """(index in `messages`, text) of each user message with text, oldest first (parse_messages checked them)."""
+    found = [(i, content_text(m.get("content"), i)) for i, m in enumerate(messages) if m.get("role") == "user"]
+    return [(i, text) for i, text in found if text.strip()]
+
+
+def wellbeing_option(body: dict, enabled: bool) -> bool:
+    """Whether this request runs the wellbeing watch: the request's "wellbeing" (true unless false), when the app's
+    is on (app.py --no-wellbeing turns it off for every request)."""
+    value = body.get("wellbeing")
+    if value is not None and not isinstance(value, bool):
+        raise ApiError(400, "wellbeing must be true or false", param="wellbeing")
+    return enabled and value is not False
+
+
 def sentiment_json(s) -> dict:
     return {"label": s.label, "confidence": round(float(s.confidence), 6),
             "probs": {k: round(float(v), 6) for k, v in s.probs.items()}, "source": s.source}
@@ -162,11 +182,15 @@ def sentiment_json(s) -> dict:
 def build_router(get_bot: Callable[[], Any], model_name: Callable[[], str],
                  is_ready: Callable[[], bool] = lambda: True,
                  max_classify_texts: int = AppSettings.max_classify_texts,
-                 rules: RuleSet | None = None) -> APIRouter:
+                 rules: RuleSet | None = None, wellbeing: bool = AppSettings.wellbeing,
+                 wellbeing_lookback: int = AppSettings.wellbeing_lookback) -> APIRouter:
     """The /v1 routes and /health. `get_bot()` returns the loaded AllInOne (or raises while it loads); `rules`
     (app.py --rules) are matched on every text /v1/classify labels. The API key and the body size bound are checked
-    in front of every route (http_guard.Guard)."""
+    in front of every route (http_guard.Guard). With `wellbeing` a chat request's last `wellbeing_lookback` user
+    messages are read by the wellbeing watch (faces/care.py): its reply carries the `wellbeing` object, and checks
+    in gently while the alert holds."""
     router = APIRouter()
+    rule = AlertRule()      # the watch's rule, its defaults from allinone_gguf/wellbeing.py (API messages: no times)
 
     async def body_of(request: Request) -> dict:
         try:
@@ -248,8 +272,16 @@ def build_router(get_bot: Callable[[], Any], model_name: Callable[[], str],
                        shorten=False, grammar=reply_format(body), logprobs=logprobs_option(body))
         if options["top_p"] == 0:
             options["top_p"] = 1e-6
+        watch = wellbeing_option(body, wellbeing)
         bot = bot_or_503()
-        stream = bot.respond(text, history=history, **options)   # the label and the reply's prefill overlap
+        care, earlier, last = False, [], None
+        if watch:   # the request is the conversation: its recent earlier user messages are labelled in one batch
+            recent = user_messages(body["messages"])[-wellbeing_lookback:]
+            last, texts = recent[-1][0], [t for _, t in recent[:-1]]
+            found = await asyncio.to_thread(bot.classify_many, texts) if texts else []
+            earlier = [labelled(i, s) for (i, _), s in zip(recent[:-1], found)]
+            care = check_in(earlier, last, rule)
+        stream = bot.respond(text, history=history, care=care, **options)   # the label and the prefill overlap
         try:
             await asyncio.to_thread(stream.wait_started)        # refusals (context, queue) before any byte is sent
             sentiment = await asyncio.to_thread(stream.sentiment)
@@ -257,9 +289,12 @@ def build_router(get_bot: Callable[[], Any], model_name: Callable[[], str],
             stream.close()
             raise
         rid, created, model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), body.get("model") or model_name()
+        extra = {"sentiment": sentiment_json(sentiment)}
+        if watch:
+            extra["wellbeing"] = trend_json([*earlier, labelled(last, sentiment)], rule)
         if body.get("stream"):
             include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-            return StreamingResponse(_sse(request, stream, rid, created, model, sentiment, include_usage,
+            return StreamingResponse(_sse(request, stream, rid, created, model, extra, include_usage,
                                           options["logprobs"] is not None),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         pieces = []
@@ -275,7 +310,7 @@ def build_router(get_bot: Callable[[], Any], model_name: Callable[[], str],
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(pieces)},
                              "logprobs": logprobs_json(stream.logprobs()) if options["logprobs"] is not None
                              else None, "finish_reason": _finish(stream)}],
-                "usage": _usage(stream), "sentiment": sentiment_json(sentiment)}
+                "usage": _usage(stream), **extra}
 
     router.add_api_route("/v1/models", guarded(models), methods=["GET"])
     router.add_api_route("/v1/classify", guarded(classify), methods=["POST"])
@@ -324,8 +359,9 @@ async def _next_or_disconnect(request: Request, stream) -> str | None:
             log.info("client went away: reply cancelled")
 
 
-async def _sse(request: Request, stream, rid: str, created: int, model: str, sentiment, include_usage: bool,
+async def _sse(request: Request, stream, rid: str, created: int, model: str, extra: dict, include_usage: bool,
                with_logprobs: bool = False):
+    """The stream's events; the first carries `extra` (the "sentiment" object, and "wellbeing" when watched)."""
     sent = 0      # token log probabilities already sent
 
     def chunk(delta: dict, finish: str | None = None, **extra) -> str:
@@ -339,7 +375,7 @@ async def _sse(request: Request, stream, rid: str, created: int, model: str, sen
                 "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}], **extra}
         return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
     try:
-        yield chunk({"role": "assistant", "content": ""}, sentiment=sentiment_json(sentiment))
+        yield chunk({"role": "assistant", "content": ""}, **extra)
         while True:
             piece = await _next_or_disconnect(request, stream)
             if piece is None:

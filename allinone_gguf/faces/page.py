@@ -4,7 +4,9 @@
 
 It makes no request outside the machine: no analytics, no share link, no CDN. Each browser session is one
 conversation with its own KV slot; a message typed while the session's reply is still running waits in the
-session's queue (shown under the chat) and is answered next: nothing typed is dropped. Gradio's named
+session's queue (shown under the chat) and is answered next: nothing typed is dropped. While the wellbeing watch's
+alert holds (several strongly negative messages lately, allinone_gguf/wellbeing.py), a dismissible note shows above
+the chat and the replies check in gently (the runtime's `care`; app.py --no-wellbeing turns both off). Gradio's named
 endpoints `classify` and `respond` are defined here too. Only this module imports Gradio, so `app.py
 --no-page` (the API alone) runs without it.
 """
@@ -14,6 +16,7 @@ import os  # no `from __future__ import annotations`: gr.api reads the real type
 # Before gradio is imported: its analytics and version check would call out to the internet.
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
+import datetime
 import functools
 import logging
 import time
@@ -22,9 +25,11 @@ from contextlib import closing
 import gradio as gr
 
 from ..runtime.config import field_help
+from ..wellbeing import AlertRule
 from .defaults import AppSettings
 from .sessions import USER_ERRORS, ModelSlot, Session
-from .ui_helpers import LANGUAGE_CHOICES, assistant_text, badge, history_from_chat, mood_point, mood_svg
+from .ui_helpers import (LANGUAGE_CHOICES, assistant_text, badge, history_from_chat, mood_point, mood_svg,
+                         wellbeing_note)
 
 log = logging.getLogger("app")
 # The line under the chat: where the current turn is (tests wait on these too).
@@ -35,7 +40,7 @@ QUEUED = Session.QUEUED
 REFRESH_S = 0.1
 # Gradio events that may wait on the model at once; the runtime's own queue (Settings.max_queue) bounds the rest.
 MODEL_EVENTS = 16
-SAME = (gr.skip(), gr.skip(), gr.skip())  # mood state, mood chart and turn status unchanged
+SAME = (gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip())  # mood state, chart, turn status, note, dismiss
 
 
 def add_user(message: str, session: Session):
@@ -61,19 +66,30 @@ def answer(slot: ModelSlot, session: Session, mood: list, lang: str, temperature
         session.end()
 
 
+def note_updates(alert, lang: str):
+    """The wellbeing note and its dismiss button: shown for an alert, hidden for None."""
+    if alert is None:
+        return gr.HTML(visible=False), gr.Button(visible=False)
+    note, button = wellbeing_note(alert.messages, lang)
+    return gr.HTML(note, visible=True), gr.Button(button, visible=True)
+
+
 def _turn(slot, session, text, history, mood, lang, temperature, max_tokens):
     bot = slot.bot
+    turn, when = len(mood) + 1, datetime.datetime.now()
     try:       # the label and the reply's prompt are decoded together; the badge shows once the label is read
         stream = bot.respond(text, history=history, labels=lang, temperature=float(temperature),
-                             max_tokens=int(max_tokens), conversation=session.conversation)
+                             max_tokens=int(max_tokens), conversation=session.conversation,
+                             care=session.check_in(turn, when))      # while the alert holds: check in gently
         sentiment = stream.sentiment()
     except USER_ERRORS as e:
         session.chat.pop()
         raise gr.Error(str(e)) from e
     line = badge(sentiment.label, sentiment.confidence, sentiment.is_negative, lang, sentiment.source)
-    mood = mood + [mood_point(len(mood) + 1, sentiment.label, sentiment.probs, bot.label_set(lang)[0])]
+    mood = mood + [mood_point(turn, sentiment.label, sentiment.probs, bot.label_set(lang)[0])]
+    note = note_updates(session.label(turn, sentiment, when), lang)
     session.chat.append({"role": "assistant", "content": line})
-    yield session.shown(), mood, mood_svg(mood), session.status(REPLYING)
+    yield session.shown(), mood, mood_svg(mood), session.status(REPLYING), *note
     reply, last = "", float("-inf")  # the first piece shows at once
     try:
         with closing(stream):
@@ -87,7 +103,7 @@ def _turn(slot, session, text, history, mood, lang, temperature, max_tokens):
         log.info("reply stopped after %d characters", len(reply))
         raise
     log.info("reply finished after %d characters", len(reply))
-    yield session.shown(), gr.skip(), gr.skip(), session.status(DONE)
+    yield session.shown(), gr.skip(), gr.skip(), session.status(DONE), gr.skip(), gr.skip()
     return mood
 
 
@@ -97,12 +113,18 @@ def stop_turn(session: Session):
 
 
 def clear_chat(session: Session):
-    return session.take_waiting(clear_chat=True), [], [], mood_svg([]), ""
+    return session.take_waiting(clear_chat=True), [], [], mood_svg([]), "", *note_updates(None, "zh")
 
 
-def build_app(slot: ModelSlot) -> gr.Blocks:
+def dismiss_note(session: Session):
+    """The note's dismiss button: hidden until the alert stops holding and a new one starts."""
+    session.dismiss()
+    return note_updates(None, "zh")
+
+
+def build_app(slot: ModelSlot, ui: AppSettings = AppSettings()) -> gr.Blocks:
+    """The page for `slot`; `ui` gives the slider bounds and whether the wellbeing watch runs."""
     s = slot.settings
-    ui = AppSettings()
 
     def switch_model(path: str):
         try:
@@ -141,6 +163,9 @@ def build_app(slot: ModelSlot) -> gr.Blocks:
                     "judgement (正面/负面 with its confidence), then an empathetic reply.")
         with gr.Row():
             with gr.Column(scale=3):
+                with gr.Row(equal_height=True):     # the wellbeing note, while the watch's alert holds
+                    note = gr.HTML("", visible=False, elem_id="wellbeing-note")
+                    dismiss = gr.Button("知道了", visible=False, scale=0, min_width=90, elem_id="wellbeing-dismiss")
                 chat = gr.Chatbot(label="Chat", height=440, buttons=["copy", "copy_all"], feedback_options=None,
                                   elem_id="chat")
                 with gr.Row():
@@ -166,12 +191,13 @@ def build_app(slot: ModelSlot) -> gr.Blocks:
                 plot = gr.HTML(mood_svg([]), elem_id="mood")
         mood = gr.State([])
 
-        session = gr.State(Session())
+        session = gr.State(Session(AlertRule() if ui.wellbeing else None))
 
         quiet = dict(api_visibility="private", show_progress="hidden")  # UI events: not part of the HTTP API
         # Sessions run side by side (the runtime batches them); within a session, answer() keeps the order.
         turn = dict(fn=functools.partial(answer, slot), inputs=[session, mood, lang, temperature, max_tokens],
-                    outputs=[chat, mood, plot, progress], concurrency_limit=MODEL_EVENTS, trigger_mode="multiple",
+                    outputs=[chat, mood, plot, progress, note, dismiss], concurrency_limit=MODEL_EVENTS,
+                    trigger_mode="multiple",
                     **quiet)
         show = dict(fn=add_user, inputs=[box, session], outputs=[box, chat, progress], queue=False,
                     trigger_mode="multiple", **quiet)
@@ -179,8 +205,9 @@ def build_app(slot: ModelSlot) -> gr.Blocks:
         stop.click(stop_turn, inputs=[session], outputs=[box, chat, progress], cancels=replies, queue=False,
                    **quiet)
         for clearing in (clear.click, chat.clear):  # the Clear button and the chat's own bin icon
-            clearing(clear_chat, inputs=[session], outputs=[box, chat, mood, plot, progress], cancels=replies,
-                     queue=False, **quiet)
+            clearing(clear_chat, inputs=[session], outputs=[box, chat, mood, plot, progress, note, dismiss],
+                     cancels=replies, queue=False, **quiet)
+        dismiss.click(dismiss_note, inputs=[session], outputs=[note, dismiss], queue=False, **quiet)
         model.input(switch_model, inputs=[model], outputs=[status], concurrency_limit=1,
                     api_visibility="private")
         demo.load(on_load, outputs=[model, status], queue=False, **quiet)

@@ -7,17 +7,22 @@
 
 `ModelSlot` holds the model every session shares; switching loads the new file once, then closes the old.
 `Session` is one browser session: its conversation id (the runtime keeps a KV slot for it), the chat as shown,
-and the messages typed while a reply runs, answered in order by one turn loop at a time (app.py drives it).
+the messages typed while a reply runs, answered in order by one turn loop at a time (faces/page.py drives it), and
+the wellbeing watch over its user messages' labels (faces/care.py: the alert, the note, the reply's check-in).
 """
 from __future__ import annotations
 
+import datetime
 import logging
 import threading
 import uuid
 from collections import deque
 from pathlib import Path
+from typing import Any, Callable
 
 from ..runtime import AllInOne, ModelLoadError, QueueFull, Settings
+from ..wellbeing import Alert, AlertRule, Message, active_alert
+from .care import check_in, labelled
 from .ui_helpers import list_models, model_name
 
 log = logging.getLogger("app")
@@ -72,15 +77,18 @@ class Session:
 
     QUEUED = "⏳ waiting to be sent: "   # the status line's note of messages typed while a reply runs
 
-    def __init__(self):
+    def __init__(self, rule: AlertRule | None = AlertRule()):
         self.conversation = uuid.uuid4().hex
         self.chat: list[dict] = []
         self.pending: deque[str] = deque()
         self.lock = threading.Lock()
         self.running = False
+        self.rule = rule                        # the wellbeing watch's rule; None = no watch (app.py --no-wellbeing)
+        self.labelled: list[Message] = []       # the user messages' labels, keyed by turn (the mood chart's numbers)
+        self.dismissed = False                  # the note of the alert that holds now was dismissed
 
     def __deepcopy__(self, memo) -> "Session":   # Gradio copies the State's default for every new session
-        return Session()
+        return Session(self.rule)
 
     def push(self, text: str) -> bool:
         """Queue a message; True when a turn loop is running already (it will take it next)."""
@@ -109,13 +117,37 @@ class Session:
             self.running = False
 
     def take_waiting(self, clear_chat: bool = False) -> str:
-        """Stop or Clear: the waiting messages leave the queue (back to the message box, one per line)."""
+        """Stop or Clear: the waiting messages leave the queue (back to the message box, one per line). Clear also
+        starts the wellbeing watch afresh."""
         with self.lock:
             waiting = list(self.pending)
             self.pending.clear()
             if clear_chat:
-                self.chat = []
+                self.chat, self.labelled, self.dismissed = [], [], False
         return "\n".join(waiting)
+
+    # -- the wellbeing watch ----------------------------------------------------------------------------------------
+    def check_in(self, turn: int, when: datetime.datetime) -> bool | Callable[[Any], bool]:
+        """The runtime's `care` for this turn's message: whether the alert holds once its label is read (the reply
+        then checks in gently); False without a watch."""
+        return False if self.rule is None else check_in(self.labelled, turn, self.rule, when)
+
+    def label(self, turn: int, sentiment: Any, when: datetime.datetime) -> Alert | None:
+        """Record this turn's label; the alert whose note the page shows now: None when none holds, or when the
+        user dismissed it (a dismissal lasts until the alert stops holding; the next stretch shows again)."""
+        if self.rule is None:
+            return None
+        with self.lock:
+            self.labelled.append(labelled(turn, sentiment, when))
+            alert = active_alert(self.labelled, self.rule)
+            if alert is None:
+                self.dismissed = False
+            return None if alert is None or self.dismissed else alert
+
+    def dismiss(self) -> None:
+        """The note's dismiss button: hide the alert that holds now (there is one while the button shows)."""
+        with self.lock:
+            self.dismissed = self.rule is not None and active_alert(self.labelled, self.rule) is not None
 
     def shown(self) -> list[dict]:
         """The chat plus the waiting messages, so nothing typed ever disappears from the page."""

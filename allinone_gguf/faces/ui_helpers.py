@@ -37,6 +37,30 @@ def badge(label: str, confidence: float, negative: bool, lang: str = "zh", sourc
     return f"{BADGE_EMOJI[bool(negative)]} {head}: {label} ({conf} {confidence:.0%}{tuned})"
 
 
+# The wellbeing note shown above the chat while the watch's alert holds (faces/care.py), and its dismiss button, per
+# label language. It speaks to the person, not about a detector: no label, no score.
+NOTE_WORDS = {
+    "zh": ("最近几轮（第 {turns} 轮）你的心情似乎一直不太好。", "想聊聊的话，我一直都在；如果觉得难以承受，请联系身边"
+           "信任的人，或拨打当地的心理援助热线。", "、", "知道了"),
+    "en": ("Your last few messages (turns {turns}) sound like things have been hard for a while.", "I'm here if you "
+           "want to talk; if it feels like too much, please reach out to someone you trust or a local helpline.",
+           ", ", "Dismiss"),
+}
+
+
+def wellbeing_note(turns: Iterable[int], lang: str = "zh") -> tuple[str, str]:
+    """(the note's HTML, the dismiss button's text) for an alert fired by these turns (the mood chart's numbers).
+
+        >>> wellbeing_note([2, 3, 5], "en")[1]
+        'Dismiss'
+    """
+    head, rest, sep, button = NOTE_WORDS.get(lang, NOTE_WORDS["zh"])
+    head = html.escape(head.format(turns=sep.join(str(t) for t in turns)))
+    return (f'<div class="wellbeing-note" role="status" style="padding:10px 14px;border-radius:8px;'
+            f'background:#fff4e0;border:1px solid #f0b45a;color:#5a3a00">💛 <b>{head}</b> {html.escape(rest)}</div>',
+            button)
+
+
 def assistant_text(badge_line: str, reply: str) -> str:
     """What the chat shows for one assistant turn: the badge, a blank line, the (partial) reply."""
     return f"{badge_line}\n\n{reply}" if reply else badge_line

@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 from .adapter import AdapterError, AdapterInfo, check_base, find_adapter, frame_digest
 from .backend import Backend, common_prefix
 from .chat import ChatTemplate, Turn, shared_turns, window_start
 from .config import Settings
-from .prompts import CHAT_SYSTEM, ELISION, LABEL_SETS, SENTIMENT_CUE, SENTIMENT_GRAMMAR
+from .prompts import CARE_SYSTEM, CHAT_SYSTEM, ELISION, LABEL_SETS, SENTIMENT_CUE, SENTIMENT_GRAMMAR
 from .jobs import ClassifyJob, ContextOverflow, ReplyJob, ReplyStream
 from .scheduler import Scheduler
 from .sentiment import LabelReader, Sentiment, head_tail, language_of, sentiment_frame, sentiment_from_margin
@@ -221,14 +221,19 @@ class AllInOne:
         context is shortened (head and tail) unless `shorten=False`, which raises ContextOverflow (from
         wait_started() or the first next()); `grammar` (GBNF, e.g. json_grammar(schema)) constrains the reply;
         `logprobs=k` records each sampled token's log probability and its k likeliest alternatives
-        (ReplyStream.logprobs()). Pieces never split a UTF-8 character.
+        (ReplyStream.logprobs()); `care=True` puts a system turn right before the user's that asks the reply to
+        check in gently (prompts.CARE_SYSTEM, which names no label; the app sets it while its wellbeing alert
+        holds), and `care` may be a function of the message's Sentiment (None without one) that decides it.
+        care=False (the default) leaves the prompt token for token as without it. Pieces never split a UTF-8
+        character.
         """
         return self._reply(text, history, sentiment, None, temperature, max_tokens, seed, **options)
 
     def _reply(self, text, history, sentiment: Sentiment | None, label_job: ClassifyJob | None, temperature,
                max_tokens, seed, *, top_p: float | None = None, stop: Sequence[str] = (),
                conversation: str | None = None, shorten: bool = True, grammar: str | None = None,
-               logprobs: int | None = None, labels: str | None = None) -> ReplyStream:
+               logprobs: int | None = None, labels: str | None = None,
+               care: bool | Callable[[Sentiment | None], bool] = False) -> ReplyStream:
         """stream_reply, with either a known `sentiment` or a `label_job` (respond) whose label is not read yet."""
         text = check_text(text)
         s = self.settings
@@ -250,23 +255,39 @@ class AllInOne:
         budget = self.chat_budget - max_tokens
         if label_job is not None:       # respond(): the label is decoded beside the prompt
             lang = labels
-            cues = {True: SENTIMENT_CUE[lang][0], False: SENTIMENT_CUE[lang][1]}
+            cares = (False, True) if callable(care) else (bool(care),)    # a function decides once the label is in
+            cues = {(positive, c): (SENTIMENT_CUE[lang][0 if positive else 1], c)
+                    for positive in (True, False) for c in cares}
         else:
-            lang, cues = s.labels, {None: ""}
+            lang, cue = s.labels, ""
             if sentiment is not None:
                 lang = next((k for k, v in LABEL_SETS.items() if sentiment.label in v), lang)
-                cues = {None: SENTIMENT_CUE[lang][0 if sentiment.is_positive else 1]}
+                cue = SENTIMENT_CUE[lang][0 if sentiment.is_positive else 1]
+            cues = {None: (cue, bool(care(sentiment)) if callable(care) else bool(care))}
 
-        def variant(b, past, body, cue_tokens, hint):
-            """(prompt, the turns it holds, window start) with this cue; shortened or refused when too long."""
-            prompt, start = self._window(b, lang, past, body + cue_tokens, budget, hint)
+        def care_after(sentiment) -> bool:
+            """respond's `care` once the label is read, on the worker thread: a failing function is logged, and the
+            reply goes on without the check-in rather than taking the worker down."""
+            if not callable(care):
+                return bool(care)
+            try:
+                return bool(care(sentiment))
+            except Exception:
+                log.exception("care(sentiment) failed; the reply goes on without the check-in note")
+                return False
+
+        def variant(b, past, body, cue_tokens, care_tokens, hint):
+            """(prompt, the turns it holds, window start) with this cue and check-in turn (None: none); shortened or
+            refused when too long. The check-in is not one of the turns: the next request's prompt goes without it,
+            so only this turn's prompt carries it."""
+            prompt, start = self._window(b, lang, past, body + cue_tokens, budget, hint, care_tokens)
             if prompt is None:
-                need = len(self._window(b, lang, [], body + cue_tokens, 10 ** 9, 0)[0])
+                need = len(self._window(b, lang, [], body + cue_tokens, 10 ** 9, 0, care_tokens)[0])
                 room = len(body) - (need - budget)
                 if not shorten or room < 8:
                     raise ContextOverflow(need, max_tokens, self.chat_budget)
                 body = head_tail(body, room, self._elision)
-                prompt, start = self._window(b, lang, [], body + cue_tokens, budget, 0)
+                prompt, start = self._window(b, lang, [], body + cue_tokens, budget, 0, care_tokens)
                 past = []
             return prompt, past + [Turn("user", text, body + cue_tokens)], start
 
@@ -275,19 +296,23 @@ class AllInOne:
             past = slot.turns[:matched] + [Turn(role, content, b.tokenize(content))   # held: the tokens the
                                            for role, content in turns[matched:]]     # model saw (cue, sampled ids)
             body, hint = b.tokenize(read), slot.start if 0 < slot.start <= matched else 0
-            variants = {key: variant(b, past, body, b.tokenize(cue), hint) for key, cue in cues.items()}
+            care_tokens = b.tokenize(CARE_SYSTEM[lang])
+            variants = {key: variant(b, past, body, b.tokenize(cue), care_tokens if c else None, hint)
+                        for key, (cue, c) in cues.items()}
             sampler = b.sampler(temperature=temperature, top_k=s.top_k, top_p=top_p,
                                 repeat_penalty=s.repeat_penalty, seed=s.seed if seed is None else seed,
                                 grammar=grammar)
+        # Each variant of the prompt: the cue after the user's text, and whether the check-in turn comes before it.
             if label_job is None:
                 return (*variants[None], sampler, None)
-            # Both cues' prompts share everything before the cue: decode that now, the rest once the label is in.
-            split = common_prefix(variants[True][0], variants[False][0])
+            # All variants share everything before the cue (before the check-in turn when the label decides it):
+            # decode that now, the rest once the label is in.
+            prompt, new_turns, start = variants[True, cares[0]]
+            split = min(common_prefix(prompt, other[0]) for other in variants.values())
 
             def later(sentiment):
-                prompt, new_turns, start = variants[sentiment.is_positive]
+                prompt, new_turns, start = variants[sentiment.is_positive, care_after(sentiment)]
                 return prompt[split:], new_turns, start
-            prompt, new_turns, start = variants[True]
             return prompt[:split], new_turns[:-1], start, sampler, later
 
         job = ReplyJob(prepare, turns, conversation, max_tokens, hide_thinking=True, stop=stops, logprobs=logprobs,
@@ -353,10 +378,13 @@ class AllInOne:
         """(tokens, where each turn's content starts) of `turns` through the chat template."""
         return self._template.render(turns, generation, lambda t: b.tokenize(t, True), [b.bos] if b.add_bos else [])
 
-    def _window(self, b, lang: str, past: list[Turn], user: list[int], budget: int, start: int):
+    def _window(self, b, lang: str, past: list[Turn], user: list[int], budget: int, start: int,
+                care: list[int] | None = None):
         """(prompt tokens, first history turn kept) for the newest turns that fit `budget`; (None, None) when
-        the new turn alone does not fit. Two renders whatever the history's length."""
-        turns = [("system", self._system[lang]), *((t.role, t.tokens) for t in past), ("user", user)]
+        the new turn alone does not fit. Two renders whatever the history's length. `care`: a system turn's
+        content put right before the new user turn (it counts as part of the new turn)."""
+        turns = [("system", self._system[lang]), *((t.role, t.tokens) for t in past),
+                 *([("system", care)] if care is not None else []), ("user", user)]
         tokens, starts = self._render(b, turns, True)
         k = window_start(starts[1:], past, len(tokens), budget, start)
         if k is None:
