@@ -66,7 +66,8 @@ def test_evaluate_figures_on_controlled_margins(monkeypatch, tmp_path, capsys):
     assert "  -2.0  0.500  0.000  1.000" in out
     # margins are +2 (confidence 0.88) or -1 (0.73): a band of 0.7 keeps every text, 0.8 only the +2 ones
     assert "  0.7  1.000  0.667" in out and "  0.8  0.500  0.667" in out and "  0.9  0.000  nan" in out
-    assert "| fake.csv | grammar | 0.667 | 0.67 | 0.67 | 0.139 |" in out and " 50.0% |" in out
+    assert "| fake.csv | grammar | 0.667 | 0.67 | 0.67 | 0.139 (" in out and " 50.0% |" in out
+    assert "ECE 0.139 (perfectly calibrated: 0." in out      # the floor on six texts: large, whatever it is
     # ECE: three answers at sigmoid(2) = 0.881 with 2 right, three at sigmoid(1) = 0.731 with 2 right
     assert "ECE 0.139" in out
     # the diagram: two bins (0.731 with 2 of 3 right, 0.881 with 2 of 3 right), drawn
