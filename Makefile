@@ -62,7 +62,7 @@ SYSTEM_PACKAGES := chromium fonts-noto-cjk
 PROXY_TOOL ?= ../shared/tools/proxy-model.sh
 PYTEST_ARGS ?=
 
-.PHONY: help setup models run test system-packages bench bench-baseline bench-ray bench-api bench-messages bench-adapter clean reference-env ray-env tune tune-env tune-grid
+.PHONY: help setup models run test system-packages bench bench-baseline bench-ray bench-api bench-messages bench-adapter bench-cache clean reference-env ray-env tune tune-env tune-grid
 
 help:
 	@echo "make setup                 virtual env in $(VENV) with the pinned dependencies (builds llama-cpp-python, ~6 min the first time)"
@@ -80,6 +80,7 @@ help:
 	@echo "make bench-ray [MODEL=x]   texts/s of classify, local vs Ray (1 actor x 2 threads, 2 x 1) on 2,000 texts"
 	@echo "make bench-api [MODEL=x]   the app as a server: 413/400 bounds, a chat's first token during a 2,000-text classify, json_schema replies"
 	@echo "make bench-messages [MODEL=x] each message's label + reply over HTTP for 1, 4, 8 users, beside llama-server's bare reply"
+	@echo "make bench-cache [MODEL=x] the sentiment cache off and on: texts/s on a stream with 30% repeated texts, a repeat's answer time"
 	@echo "make llama-server          llama.cpp's own llama-server and llama-batched-bench from the vendored sources, CPU, no AMX -> $(LLAMA_CPP_HOME)/bin/ (~10 min once)"
 	@echo "make clean                 remove built models and caches (keeps the virtual env)"
 
@@ -160,6 +161,12 @@ bench-api: setup
 bench-messages: setup
 	@model="$(if $(filter command line environment,$(origin MODEL)),$(MODEL),$$(bash $(PROXY_TOOL) | tail -n 1))"; \
 	$(PYTHON) -m allinone_gguf.measure.bench_messages "$$model"
+
+# The sentiment cache off and on, on a stream of the dev files' texts with 30 % repeats (file and message by
+# message), and a repeated text's answer time; MODEL defaults to the real 0.5B stand-in (a coder model).
+bench-cache: setup
+	@model="$(if $(filter command line environment,$(origin MODEL)),$(MODEL),$$(bash $(PROXY_TOOL) | tail -n 1))"; \
+	$(PYTHON) -m allinone_gguf.measure.bench_cache "$$model"
 
 reference-env: $(REF_VENV)/.installed
 

@@ -47,7 +47,8 @@ log = logging.getLogger("app")
 
 APP_FLAGS = ("model", "models_dir", "host", "port", "max_body_bytes", "max_classify_texts", "rules", "page",
              "wellbeing")
-LOAD_FLAGS = ("n_threads", "n_ctx", "parallel", "max_queue")   # load-time knobs; per-reply ones are UI controls
+# load-time knobs; per-reply ones are UI controls
+LOAD_FLAGS = ("n_threads", "n_ctx", "parallel", "max_queue", "sentiment_cache")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

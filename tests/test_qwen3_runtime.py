@@ -29,7 +29,7 @@ def test_the_template_closes_an_empty_think_block_unless_thinking_is_on(tiny_qwe
 
 @pytest.fixture(scope="module")
 def bot(tiny_qwen3_models):
-    with AllInOne(tiny_qwen3_models["Q4_K_M"], n_threads=1, n_ctx=1024, max_tokens=24) as b:
+    with AllInOne(tiny_qwen3_models["Q4_K_M"], n_threads=1, n_ctx=1024, max_tokens=24, sentiment_cache=0) as b:
         yield b
 
 

@@ -159,7 +159,9 @@ class FakeBot(AllInOne):
 
 @pytest.fixture
 def bot():
-    with FakeBot("fake.gguf", n_threads=1, n_ctx=2048, sentiment_prompt="seed") as b:
+    # sentiment_cache=0: these tests are about what gets decoded, and a repeated text would not be (the cache's own
+    # tests are at the end)
+    with FakeBot("fake.gguf", n_threads=1, n_ctx=2048, sentiment_prompt="seed", sentiment_cache=0) as b:
         yield b
 
 
@@ -581,7 +583,7 @@ class GatedBot(AllInOne):
 
 
 def test_a_single_text_is_not_held_behind_a_large_classification():
-    with GatedBot("fake.gguf", n_threads=1, n_ctx=2048, sentiment_prompt="seed") as bot:
+    with GatedBot("fake.gguf", n_threads=1, n_ctx=2048, sentiment_prompt="seed", sentiment_cache=0) as bot:
         b = backend(bot)
         b.armed = True
         big = threading.Thread(target=lambda: results.update(big=bot.classify_many(["好" * 20] * 300)))
@@ -678,7 +680,7 @@ def test_a_new_conversation_shares_the_system_prompt_another_slot_holds(bot):
 
 
 def test_a_reply_waiting_for_its_first_token_is_not_slowed_by_a_large_classification():
-    with GatedBot("fake.gguf", n_threads=1, n_ctx=2048, sentiment_prompt="seed") as bot:
+    with GatedBot("fake.gguf", n_threads=1, n_ctx=2048, sentiment_prompt="seed", sentiment_cache=0) as bot:
         b = backend(bot)
         b.armed = True
         results: dict = {}
@@ -701,3 +703,164 @@ def test_a_reply_waiting_for_its_first_token_is_not_slowed_by_a_large_classifica
             b.proceed.release()
             big.join(timeout=0.05)
         assert len(results["big"]) == 300
+
+
+# -- the sentiment cache: texts seen before are answered without decoding -----------------------------------------
+def cache_counts(bot) -> tuple[int, int, int]:
+    s = bot.stats()
+    return s["sentiment_cache_hits"], s["sentiment_cache_misses"], s["sentiment_cache_entries"]
+
+
+def answer(s: Sentiment) -> tuple:
+    return s.label, s.confidence, s.probs, s.margin, s.labels, s.source
+
+
+def test_a_repeated_text_is_answered_from_the_cache_without_a_decode():
+    with FakeBot("f.gguf") as cached, FakeBot("f.gguf", sentiment_cache=0) as plain:
+        first = cached.classify("好好差")
+        decoded = backend(cached).decoded
+        again = cached.classify("好好差")
+        assert backend(cached).decoded == decoded                 # nothing was decoded for the repeat
+        assert answer(again) == answer(first) == answer(plain.classify("好好差"))
+        assert cache_counts(cached) == (1, 1, 1)
+        again.probs["正面"] = 0.0                                  # a caller's copy: the cache keeps its own
+        assert answer(cached.classify("好好差")) == answer(first)
+
+
+def test_a_hit_is_answered_in_the_callers_thread_while_the_worker_is_busy():
+    with GatedBot("fake.gguf", sentiment_prompt="seed") as bot:
+        b = backend(bot)
+        known = bot.classify("差差差")
+        b.armed = True
+        big = threading.Thread(target=lambda: bot.classify_many([f"好{i}" for i in range(40)]))
+        big.start()
+        assert b.entered.acquire(timeout=30)          # the worker is held inside a llama_decode
+        got: dict = {}
+        hit = threading.Thread(target=lambda: got.update(s=bot.classify("差差差")), daemon=True)
+        hit.start()
+        hit.join(timeout=5)                           # through the queue it would wait for the worker: forever
+        assert "s" in got and answer(got["s"]) == answer(known)
+        b.armed = False
+        while big.is_alive():
+            b.proceed.release()
+            big.join(timeout=0.05)
+
+
+def test_classify_many_decodes_each_distinct_uncached_text_once():
+    texts = ["好", "差差", "好", "好好差", "差差", "好", "x" * 300, "好好差"]
+    with FakeBot("f.gguf", sentiment_prompt="seed") as bot, \
+            FakeBot("f.gguf", sentiment_prompt="seed", sentiment_cache=0) as plain:
+        bot.classify("好好差")                                     # cached before the call
+        fake = backend(bot)
+        fake.batches.clear()
+        many = bot.classify_many(texts)
+        assert sum(map(len, fake.batches)) == 3                   # 好, 差差 and x*300: once each
+        assert [answer(m) for m in many] == [answer(p) for p in plain.classify_many(texts)]
+        assert cache_counts(bot) == (len(texts) - 3, 1 + 3, 4)
+        fake.batches.clear()
+        assert [answer(m) for m in bot.classify_many(texts)] == [answer(m) for m in many]
+        assert fake.batches == []
+
+
+def test_another_label_set_frame_bias_or_adapter_is_another_key(tmp_path):
+    from allinone_gguf.runtime.adapter import AdapterInfo
+    with FakeBot("f.gguf", sentiment_prompt="seed") as bot:
+        zh = bot.classify("好")
+        decoded = backend(bot).decoded
+        en = bot.classify("好", labels="en")                       # the same text, the other label set: decoded
+        assert backend(bot).decoded > decoded and en.labels == LABEL_SETS["en"] != zh.labels
+        assert cache_counts(bot)[:2] == (0, 2)
+        ids = bot._readers_id
+
+        def adapter(name: str, data: bytes, temperature: float = 1.0) -> AdapterInfo:
+            path = tmp_path / name
+            path.write_bytes(data)
+            return AdapterInfo(path, "zh", "seed", temperature, "digest", None, {})
+        tuned = [bot._reader_identities(a) for a in (adapter("a.gguf", b"A"), adapter("b.gguf", b"B"),
+                                                      adapter("c.gguf", b"A", temperature=2.0))]
+        assert bot._reader_identities(None) == ids                 # the same settings: the same key
+    others = [ids, *tuned]
+    for change in ({"sentiment_bias": 0.5}, {"sentiment_prompt": "fewshot"}, {"sentiment_tokens": 64}):
+        with FakeBot("f.gguf", **{"sentiment_prompt": "seed", **change}) as other:
+            others.append(other._readers_id)
+    keys = [x[lang] for x in others for lang in LABEL_SETS]
+    assert len(set(keys)) == len(keys)                            # every one a key of its own: nothing stale
+
+
+def test_the_cache_keeps_the_most_recently_used_entries_up_to_its_size():
+    with FakeBot("f.gguf", sentiment_cache=3) as bot:
+        for text in ("好", "差", "好好", "差差", "好差"):
+            bot.classify(text)
+        assert bot.stats()["sentiment_cache_evictions"] == 2 and cache_counts(bot)[2] == 3
+        decoded = backend(bot).decoded
+        bot.classify("好差")                                       # the newest: still there
+        assert backend(bot).decoded == decoded
+        bot.classify("好")                                         # the oldest went first: decoded again
+        assert backend(bot).decoded > decoded and cache_counts(bot) == (1, 6, 3)
+
+
+def test_sentiment_cache_0_decodes_every_time():
+    with FakeBot("f.gguf", sentiment_cache=0) as bot:
+        bot.classify("差")
+        before = backend(bot).decoded
+        bot.classify("好")
+        one = backend(bot).decoded - before
+        bot.classify_many(["好", "好"])
+        assert backend(bot).decoded - before == 3 * one           # decoded again, both copies
+        stats = bot.stats()
+        assert [stats["sentiment_cache_" + k] for k in ("hits", "misses", "entries", "capacity")] == [0] * 4
+    with pytest.raises(ValueError, match="sentiment_cache"):
+        Settings(sentiment_cache=-1)
+
+
+def test_respond_uses_a_cached_label_and_fills_the_cache():
+    with FakeBot("f.gguf", sentiment_prompt="seed") as bot, \
+            FakeBot("f.gguf", sentiment_prompt="seed", sentiment_cache=0) as plain:
+        b = backend(bot)
+        branches = range(SEQ_SENTIMENT + 1, SEQ_SENTIMENT + 1 + BRANCHES)
+        known = bot.classify("今天真好好好")
+        start = len(b.decodes)
+        with bot.respond("今天真好好好", conversation="x") as stream:
+            assert answer(stream.sentiment()) == answer(known)
+            reply = "".join(stream)
+        assert not [seq for seq, _ in b.decodes[start:] if seq in branches]      # no sentiment frame decoded
+        with plain.respond("今天真好好好", conversation="x") as uncached:
+            assert answer(uncached.sentiment()) == answer(known) and "".join(uncached) == reply
+        with bot.respond("差差差") as stream:                      # a miss: decoded beside the prompt, then kept
+            missed = stream.sentiment()
+            "".join(stream)
+        decoded = b.decoded
+        assert answer(bot.classify("差差差")) == answer(missed) and b.decoded == decoded
+        assert cache_counts(bot) == (2, 2, 2)
+
+
+def test_concurrent_callers_share_the_cache_safely():
+    texts = [f"{'好' * (i % 3)}{'差' * (i % 5)}!" for i in range(12)]
+    with FakeBot("f.gguf", sentiment_prompt="seed", sentiment_cache=8) as bot, \
+            FakeBot("f.gguf", sentiment_prompt="seed", sentiment_cache=0) as plain:
+        expected = {t: answer(plain.classify(t)) for t in texts}
+        errors = []
+
+        def work(k):
+            try:
+                for r in range(5):
+                    chosen = texts[k:] + texts[:k]
+                    got = bot.classify_many(chosen) if r % 2 else [bot.classify(t) for t in chosen]
+                    assert [answer(g) for g in got] == [expected[t] for t in chosen]
+            except Exception as e:      # pragma: no cover - reported below
+                errors.append(e)
+        threads = [threading.Thread(target=work, args=(k,)) for k in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        hits, misses, entries = cache_counts(bot)
+        assert not errors and hits + misses == 6 * 5 * len(texts) and entries <= 8
+
+
+def test_a_closed_model_answers_nothing_from_its_cache():
+    bot = FakeBot("f.gguf")
+    bot.classify("好")
+    bot.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        bot.classify("好")

@@ -28,7 +28,8 @@ ODD_TEXTS = [
 
 @pytest.fixture(scope="module")
 def bot(tiny_models):
-    with AllInOne(tiny_models["Q4_K_M"], n_threads=1, n_ctx=1024, max_tokens=16) as b:
+    # sentiment_cache=0: these tests compare decodes of the same text (the cache's own tests are at the end)
+    with AllInOne(tiny_models["Q4_K_M"], n_threads=1, n_ctx=1024, max_tokens=16, sentiment_cache=0) as b:
         yield b
 
 
@@ -227,3 +228,30 @@ def test_a_thousand_turns_keep_memory_flat(tiny_models):
         print(f"RSS after 100 turns {rss[99]:.1f} MB, after 1000 {rss[999]:.1f} MB: growth {growth:+.1f} MB")
         assert growth < 16, f"RSS grew {growth:.1f} MB over 900 turns"
         assert b.load["streams"] == 0 and b.load["waiting"] == 0
+
+
+def test_the_sentiment_cache_decodes_a_text_once_by_llama_cpps_own_counter(tiny_models, bot):
+    """A repeated text costs no decoded token, repeats inside one classify_many are decoded once, the answers are
+    the uncached ones (`bot` has no cache), and respond() with a cached label decodes no sentiment frame."""
+    texts = ["服务很好，下次还来。", "太差了，再也不来。", "一般般吧"]
+    with AllInOne(tiny_models["Q4_K_M"], n_threads=1, n_ctx=1024, max_tokens=16) as cached:
+        for b in (bot, cached):
+            b.classify("先读一句")                          # both hold the zh frame, as at start-up
+        before = decoded(bot)
+        plain = bot.classify_many(texts)
+        cost = decoded(bot) - before
+        before = decoded(cached)
+        many = cached.classify_many([texts[0], texts[1], texts[0], texts[2], texts[1]])
+        assert decoded(cached) - before == cost                              # each distinct text once
+        assert [(m.label, m.confidence) for m in many] == [(p.label, p.confidence) for p in
+                                                           (plain[0], plain[1], plain[0], plain[2], plain[1])]
+        before = decoded(cached)
+        again = cached.classify(texts[2])
+        assert decoded(cached) == before and (again.label, again.confidence) == (plain[2].label, plain[2].confidence)
+        with cached.respond(texts[0], max_tokens=4, seed=1) as stream:
+            assert stream.sentiment().confidence == plain[0].confidence
+            "".join(stream)
+        cost = decoded(cached) - before
+        assert cost <= stream.usage["prompt_tokens"] - stream.usage["cached_tokens"] + stream.usage["completion_tokens"]
+        s = cached.stats()
+        assert (s["sentiment_cache_hits"], s["sentiment_cache_misses"], s["sentiment_cache_entries"]) == (4, 4, 4)

@@ -29,7 +29,7 @@ CLEAR = [
 
 @pytest.fixture(scope="module")
 def bot(proxy_model):
-    with AllInOne(proxy_model, n_threads=2) as b:
+    with AllInOne(proxy_model, n_threads=2, sentiment_cache=0) as b:      # compares decodes of the same text
         yield b
 
 

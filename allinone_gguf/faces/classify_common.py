@@ -12,7 +12,7 @@ from ..scoring import normalise_gold, score
 
 # Settings fields the classify command exposes as flags (the sentiment role needs no sampling knobs).
 CLASSIFY_SETTINGS = ("n_threads", "n_ctx", "labels", "sentiment_adapter", "sentiment_prompt", "sentiment_tokens",
-                     "sentiment_bias")
+                     "sentiment_bias", "sentiment_cache")
 
 
 class UserError(Exception):

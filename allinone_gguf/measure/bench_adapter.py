@@ -33,7 +33,8 @@ def measure(model: str, path: str, data: list[str], threads: int, limit: int | N
     from ..runtime import AllInOne
     before = memory_mb()["rss_mb"]
     start = time.perf_counter()
-    bot = AllInOne(model, sentiment_adapter=PATHS[path], n_threads=threads, parallel=1)
+    # sentiment_cache=0: every text decoded, the warm-up's included when it comes round again
+    bot = AllInOne(model, sentiment_adapter=PATHS[path], n_threads=threads, parallel=1, sentiment_cache=0)
     with bot:
         adapter = bot.sentiment_adapter
         out = {"path": path, "load_s": time.perf_counter() - start, "rss_before_mb": before,

@@ -62,7 +62,9 @@ def run(model: Path, threads: int, n_texts: int, n_chats: int) -> dict:
     auth = {"Authorization": f"Bearer {KEY}"}
     out: dict = {"model": model.name, "threads": threads, "machine": cpu_info()["cpu"],
                  "date": datetime.date.today().isoformat()}
-    with running_app(model, model.parent, "--n-threads", str(threads), "--api-key", KEY) as server:
+    # --sentiment-cache 0: the classification's warm-up texts come round again in the timed one, decoded each time
+    with running_app(model, model.parent, "--n-threads", str(threads), "--api-key", KEY,
+                     "--sentiment-cache", "0") as server:
         client = openai.OpenAI(base_url=server.url + "v1", api_key=KEY, max_retries=0, timeout=600)
         first_token_s(client, "你好", 0)                                            # warm-up, left out
         # 1. bounds

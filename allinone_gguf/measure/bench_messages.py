@@ -114,8 +114,9 @@ def measure(model: Path, threads: int, users: list[int], rounds: int, tokens: in
            "machine": cpu_info(), "date": datetime.date.today().isoformat(), "commit": git_commit(),
            "loadavg_start": list(os.getloadavg()), "ours": [], "llama_server": None}
     with contextlib.ExitStack() as stack:
+        # --sentiment-cache 0: the users' messages repeat, and each message's label is part of what is measured
         app = stack.enter_context(running_app(model, model.parent, "--n-threads", str(threads),
-                                              "--parallel", str(SLOTS)))
+                                              "--parallel", str(SLOTS), "--sentiment-cache", "0"))
         out["app_rss_start_mb"] = rss_mb(app.proc.pid)
         peer = None
         if server is not None and server.is_file():

@@ -58,8 +58,9 @@ def write_texts(sources: list[Path], n: int, path: Path) -> dict:
 
 def run_one(engine: str, actors: int, threads: int, data: Path, model: Path, work: Path) -> dict:
     out = work / f"{engine}-{actors}x{threads}"
+    # --sentiment-cache 0: the texts repeat when the sources hold fewer than --texts; every one is decoded
     cmd = [sys.executable, "-m", "allinone_gguf", "classify", str(data), "--model", str(model), "--threads",
-           str(threads), "-q", "--overwrite"]
+           str(threads), "-q", "--overwrite", "--sentiment-cache", "0"]
     if engine == "ray":
         cmd += ["-o", str(out), "--engine", "ray", "--address", "local", "--actors", str(actors)]
     else:

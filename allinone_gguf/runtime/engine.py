@@ -11,16 +11,19 @@ Design (see README "Runtime"): both roles live in one llama.cpp context with a u
 worker thread (scheduler.py). Sequence 0 holds the sentiment role's fixed prompt (system text and worked
 examples); texts to classify are decoded in branch sequences that share those cells, so a classification costs
 the tokens of the text, not of the prompt. Each chat conversation owns a slot sequence that keeps its window,
-so its next turn decodes only the new turn. This module turns requests into token work for that worker.
+so its next turn decodes only the new turn. A text read before is answered from the sentiment cache (cache.py)
+in the caller's thread, without the worker. This module turns requests into token work for that worker.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 from typing import Callable, Sequence
 
-from .adapter import AdapterError, AdapterInfo, check_base, find_adapter, frame_digest
+from .adapter import AdapterError, AdapterInfo, check_base, file_sha256, find_adapter, frame_digest
 from .backend import Backend, common_prefix
+from .cache import SentimentCache, reader_identity, text_key
 from .chat import ChatTemplate, Turn, shared_turns, window_start
 from .config import Settings
 from .prompts import CARE_SYSTEM, CHAT_SYSTEM, ELISION, LABEL_SETS, SENTIMENT_CUE, SENTIMENT_GRAMMAR
@@ -74,6 +77,8 @@ class AllInOne:
     def __init__(self, model_path: str | Path, settings: Settings | None = None, **overrides):
         self.settings = s = (settings or Settings()).replace(**overrides)
         self.model_path = Path(model_path)
+        # Answers for texts seen before (cache.py), looked up in the caller's thread; None when sentiment_cache=0.
+        self._cache = SentimentCache(s.sentiment_cache) if s.sentiment_cache else None
         self._worker = Scheduler(self._load, sentiment_seq=SEQ_SENTIMENT, branch_seqs=range(1, 1 + BRANCHES),
                                  slot_seqs=range(1 + BRANCHES, 1 + BRANCHES + s.parallel), max_queue=s.max_queue,
                                  queue_timeout=s.queue_timeout)
@@ -105,6 +110,8 @@ class AllInOne:
                                        f"than this version's {adapter.prompt!r} ({adapter.labels}) frame; tune it "
                                        "again or pass --sentiment-adapter off")
                 b.load_adapter(adapter.path)
+            if s.sentiment_cache:
+                self._readers_id = self._reader_identities(adapter)
             self._system = {lang: tok(CHAT_SYSTEM[lang]) for lang in LABEL_SETS}
             longest_after = max(len(z) for _, z in self._frames.values())
             if s.sentiment_tokens + longest_after > b.n_batch - s.parallel:
@@ -124,6 +131,16 @@ class AllInOne:
             b.close()
             raise
         return b
+
+    def _reader_identities(self, adapter: AdapterInfo | None) -> dict[str, str]:
+        """{label language: reader_identity}: the second half of every sentiment cache key (cache.py)."""
+        s, out = self.settings, {}
+        held = "none" if adapter is None else f"{file_sha256(adapter.path)} temperature {adapter.temperature!r}"
+        for lang in LABEL_SETS:
+            frame = adapter.labels if adapter is not None else lang       # _read_frame, before _adapter is set
+            digest = frame_digest(*self._frames[frame], self._readers[frame].ids)
+            out[lang] = reader_identity(lang, LABEL_SETS[lang], digest, held, s.sentiment_bias, s.sentiment_tokens)
+        return out
 
     def _read_frame(self, lang: str) -> str:
         """The label language whose frame reads a text: the adapter's (one adapter serves both label sets: it
@@ -149,11 +166,23 @@ class AllInOne:
         texts = [clip_chars(check_text(t), self.settings.max_text_chars) for t in texts]
         if not texts:
             return []
-        return self._worker.submit(self._classify_job(texts, language_of(labels, self.settings.labels))).wait()
+        lang = language_of(labels, self.settings.labels)
+        cache = self._cache
+        if cache is None:
+            return self._worker.submit(self._classify_job(texts, lang)).wait()
+        # Texts read before are answered here, in the caller's thread; the others are decoded once each.
+        found, todo = cache.lookup([(text_key(t), self._readers_id[lang]) for t in texts])
+        if todo:
+            job = self._classify_job([texts[where[0]] for where in todo.values()], lang, list(todo))
+            for where, answer in zip(todo.values(), self._worker.submit(job).wait()):
+                for i in where:
+                    found[i] = answer
+        return [dataclasses.replace(a, probs=dict(a.probs)) for a in found]    # a caller cannot edit the cache's
 
-    def _classify_job(self, texts: list[str], lang: str) -> ClassifyJob:
+    def _classify_job(self, texts: list[str], lang: str, keys: list | None = None) -> ClassifyJob:
         """The worker's job for classify_many (texts already checked). With a sentiment adapter every text is read
-        in the frame it was trained in, whatever the label language (the label's name follows `lang`)."""
+        in the frame it was trained in, whatever the label language (the label's name follows `lang`). With
+        `keys` (one per text) the answers go into the sentiment cache as soon as the last is read."""
         frame = self._read_frame(lang)
         before, after = self._frames[frame]
         reader, s = self._readers[frame], self.settings
@@ -184,7 +213,9 @@ class AllInOne:
             margin = reader.margin(b.logits_row(row)) * scale + s.sentiment_bias
             return sentiment_from_margin(margin, LABEL_SETS[lang], source)
 
-        return ClassifyJob(plan, prefix, read, len(texts), adapter)
+        cache = self._cache
+        on_done = None if keys is None or cache is None else lambda found: cache.put_many(zip(keys, found))
+        return ClassifyJob(plan, prefix, read, len(texts), adapter, on_done)
 
     @property
     def sentiment_adapter(self) -> AdapterInfo | None:
@@ -326,10 +357,18 @@ class AllInOne:
         """A message's whole job: the sentiment of `text`, then a reply that knows it. The two overlap: the
         reply's prompt up to the user's text is decoded in the same batches as the text's sentiment frame, and
         the cue (a few tokens) follows as soon as the label is read. `stream.sentiment()` returns the label (it
-        is there before the first piece); the options are stream_reply's."""
+        is there before the first piece); the options are stream_reply's. A text in the sentiment cache is
+        stream_reply with its cached label: the same prompt and cue, without decoding its sentiment frame."""
         text = check_text(text)
         lang = language_of(labels, self.settings.labels)
-        label_job = self._classify_job([clip_chars(text, self.settings.max_text_chars)], lang)
+        read, cache, keys = clip_chars(text, self.settings.max_text_chars), self._cache, None
+        if cache is not None:
+            keys = [(text_key(read), self._readers_id[lang])]
+            (known,), _ = cache.lookup(keys)
+            if known is not None:
+                known = dataclasses.replace(known, probs=dict(known.probs))
+                return self._reply(text, history, known, None, temperature, max_tokens, seed, **options)
+        label_job = self._classify_job([read], lang, keys)
         self._worker.submit(label_job)
         try:
             return self._reply(text, history, None, label_job, temperature, max_tokens, seed, labels=lang, **options)
@@ -350,9 +389,13 @@ class AllInOne:
 
     def stats(self) -> dict:
         """Counters for measurement: llama.cpp's own (decoded_tokens, prompt_tokens, single_tokens, prompt_ms,
-        single_ms, since load) plus the worker's batches and queue."""
+        single_ms, since load), the worker's batches and queue, and the sentiment cache's (sentiment_cache_hits:
+        texts answered without decoding, _misses: texts decoded, _entries, _capacity, _evictions; 0 when off)."""
         perf = self._worker.call(lambda b: b.perf())
-        return {**perf, "batches": self._worker.steps, **self._worker.load}
+        cache = self._cache.stats() if self._cache is not None else dict.fromkeys(
+            ("hits", "misses", "entries", "capacity", "evictions"), 0)
+        return {**perf, "batches": self._worker.steps, **self._worker.load,
+                **{"sentiment_cache_" + k: v for k, v in cache.items()}}
 
     @property
     def load(self) -> dict:
@@ -365,6 +408,7 @@ class AllInOne:
 
     def close(self) -> None:
         """Cancel what runs and waits, and free the model; later calls raise RuntimeError."""
+        self._cache = None          # nothing is answered from it any more: a closed model answers nothing
         self._worker.close()
 
     def __enter__(self) -> "AllInOne":

@@ -105,15 +105,24 @@ class ClassifyJob(CallJob):
     """Texts to classify, decoded a group per step; `plan(backend)` yields the groups, each a list of
     (index, tokens after the shared prefix), made when the worker reaches them; `read(backend, logits row)` is
     called per text. With `adapter` the groups never share a batch with replies: the LoRA must touch the
-    sentiment sequences only."""
+    sentiment sequences only. `on_done(results)` runs on the worker when the last text is read, before any caller
+    sees the results (the engine fills its sentiment cache there)."""
 
     def __init__(self, plan: Callable[[Any], Iterator[list[tuple[int, list[int]]]]], prefix: Callable[[Any], int],
-                 read: Callable[[Any], Any], n: int, adapter: bool = False):
+                 read: Callable[[Any], Any], n: int, adapter: bool = False,
+                 on_done: Callable[[list[Any]], None] | None = None):
         super().__init__(plan)
-        self.prefix, self.read = prefix, read
+        self.prefix, self.read, self.on_done = prefix, read, on_done
         self.adapter = adapter      # decode the groups with the sentiment LoRA, in batches of their own
         self.groups: Groups | None = None
         self.results: list[Any] = [None] * n
+
+    def finish(self) -> None:
+        """Every text is read: hand the results over."""
+        if self.on_done is not None:
+            self.on_done(self.results)
+        self.result = self.results
+        self.done.set()
 
 
 class ReplyJob(Job):

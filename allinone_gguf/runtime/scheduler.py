@@ -348,8 +348,7 @@ class Scheduler:
                 self._sample(owner, row)
         if group_job is not None and not group_job.groups:
             self._classify.remove(group_job)
-            group_job.result = group_job.results
-            group_job.done.set()
+            group_job.finish()
 
     def _drop(self, job: ReplyJob, exc: BaseException) -> None:
         self._release(job)
