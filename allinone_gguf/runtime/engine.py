@@ -284,6 +284,7 @@ class AllInOne:
             raise ValueError(f"logprobs must be between 0 and {MAX_TOP_LOGPROBS}, not {logprobs}")
         max_tokens = min(max_tokens, self.chat_budget // 2)
         budget = self.chat_budget - max_tokens
+        # Each variant of the prompt: the cue after the user's text, and whether the check-in turn comes before it.
         if label_job is not None:       # respond(): the label is decoded beside the prompt
             lang = labels
             cares = (False, True) if callable(care) else (bool(care),)    # a function decides once the label is in
@@ -333,7 +334,6 @@ class AllInOne:
             sampler = b.sampler(temperature=temperature, top_k=s.top_k, top_p=top_p,
                                 repeat_penalty=s.repeat_penalty, seed=s.seed if seed is None else seed,
                                 grammar=grammar)
-        # Each variant of the prompt: the cue after the user's text, and whether the check-in turn comes before it.
             if label_job is None:
                 return (*variants[None], sampler, None)
             # All variants share everything before the cue (before the check-in turn when the label decides it):
