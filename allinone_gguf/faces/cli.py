@@ -29,7 +29,8 @@ from .classify_common import CLASSIFY_SETTINGS, UserError, classify_group, print
 from ..scoring import NEGATIVE, normalise_gold
 from .flags import add_dataclass_arguments, add_settings_arguments, overrides
 from .ray_classify import add_engine_arguments, local_input, run_classify_ray
-from .rowio import RowWriter, count_done, detect_format, open_text, output_header, read_records, read_rows
+from .rowio import (RowWriter, count_done, detect_format, open_text, output_header, read_records, read_rows,
+                    refuse_clash)
 from .rules import RULE_COLUMNS, SEVERITIES, load_rules, row_columns, triage_key
 from .ui_helpers import badge
 
@@ -183,9 +184,11 @@ def run_classify(args) -> int:
     out_fmt = "jsonl" if (out_fmt_ext == "jsonl" or (out == "-" and in_fmt == "jsonl")) else "csv"
     if in_fmt == "jsonl" and out_fmt == "csv":
         raise UserError("JSONL input is written as JSONL: name the output *.jsonl")
-    if rules is not None and (clash := [c for c in RULE_COLUMNS if c in (header or ())]):
-        raise UserError(f"{args.input}: the input already has column(s) {', '.join(clash)}, which --rules adds; "
-                        "rename them first")
+    try:
+        if rules is not None:
+            refuse_clash(header, RULE_COLUMNS, ", which --rules adds")
+    except ValueError as exc:
+        raise UserError(f"{args.input}: {exc}") from None
     columns = output_header(header, args.column) if out_fmt == "csv" else None
     if columns is not None and rules is not None:
         columns += RULE_COLUMNS

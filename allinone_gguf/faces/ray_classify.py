@@ -32,6 +32,7 @@ from convert.defaults import MANIFEST as MODELS_MANIFEST
 from ..runtime.config import Settings
 from .classify_common import CLASSIFY_SETTINGS, classify_group, print_gold
 from .flags import add_dataclass_arguments, overrides
+from .rowio import refuse_clash
 from .rules import RULE_COLUMNS, RuleSet, row_columns
 from .shards import (MANIFEST, OUTPUT_FORMATS, SHARD_PREFIX, Chunk, InputFile, Manifest, Shard,
                      check_output_format, clear_output, default_output_format, expand_inputs, output_columns,
@@ -270,9 +271,10 @@ def run_classify_ray(args: argparse.Namespace, rules: RuleSet | None = None) -> 
                                          opts.shard_rows, ROWS_PER_BLOCK)
     if rules is not None:
         for f in inputs:
-            if clash := [c for c in RULE_COLUMNS if c in (f.header or ())]:
-                raise ValueError(f"{f.path}: the input already has column(s) {', '.join(clash)}, which --rules adds; "
-                                 "rename them first")
+            try:
+                refuse_clash(f.header, RULE_COLUMNS, ", which --rules adds")
+            except ValueError as exc:
+                raise ValueError(f"{f.path}: {exc}") from None
     out_fmt = opts.output_format or default_output_format(inputs)
     check_output_format(inputs, out_fmt)
     sha256, sha_from = expected_sha256(model)

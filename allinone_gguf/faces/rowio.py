@@ -95,10 +95,16 @@ def read_header(lines: Iterator[str], fmt: str, column: str, gold: str | None) -
     for name, what in ((column, "--column"), (gold, "--gold")):
         if name is not None and name not in header:
             raise ValueError(f"no column {name!r} in the header ({', '.join(header)}); pick one with {what}")
-    clash = [c for c in OUTPUT_COLUMNS if c in header]
-    if clash:
-        raise ValueError(f"the input already has column(s) {', '.join(clash)}; rename them first")
+    refuse_clash(header, OUTPUT_COLUMNS)
     return header
+
+
+def refuse_clash(names, added, why: str = "") -> None:
+    """ValueError when an input's column `names` already hold one the output adds (`added`): its values would be
+    overwritten. `why` says who adds them."""
+    clash = [c for c in added if c in (names or ())]
+    if clash:
+        raise ValueError(f"the input already has column(s) {', '.join(clash)}{why}; rename them first")
 
 
 def read_records(stream: Iterable[str], fmt: str, column: str = "text",

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from .rowio import OUTPUT_COLUMNS, Record, RowWriter, detect_format, output_header, read_records
+from .rowio import OUTPUT_COLUMNS, Record, RowWriter, detect_format, output_header, read_records, refuse_clash
 from .rules import RULE_COLUMNS
 
 PARQUET_EXTENSIONS = (".parquet", ".pq")
@@ -138,9 +138,7 @@ def _cut_parquet_file(f: InputFile, column: str, gold: str | None, every: int) -
     for name, what in ((column, "--column"), (gold, "--gold")):
         if name is not None and name not in names:
             raise ValueError(f"no column {name!r} in the Parquet schema ({', '.join(names)}); pick one with {what}")
-    clash = [c for c in OUTPUT_COLUMNS if c in names]
-    if clash:
-        raise ValueError(f"the input already has column(s) {', '.join(clash)}; rename them first")
+    refuse_clash(names, OUTPUT_COLUMNS)
     f.rows = pq.ParquetFile(f.path).metadata.num_rows
     return [(n, n, n) for n in range(0, f.rows, every)], f.rows
 
