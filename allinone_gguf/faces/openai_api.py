@@ -251,7 +251,7 @@ def build_router(get_bot: Callable[[], Any], model_name: Callable[[], str],
             for item, matches in zip(data, found):
                 item.update(severity=highest(matches), rules=[match_json(m) for m in matches])
         if order == "triage":
-            p_negative = [s.confidence if s.is_negative else 1.0 - s.confidence for s in results]
+            p_negative = [s.probs[s.labels[1]] for s in results]      # the runtime's own P(negative)
             data.sort(key=lambda item: triage_key(item.get("severity"), p_negative[item["index"]]))
         return {"object": "list", "model": model_name(), "data": data}
 
