@@ -36,7 +36,7 @@ from .rowio import refuse_clash
 from .rules import RULE_COLUMNS, RuleSet, row_columns
 from .shards import (MANIFEST, OUTPUT_FORMATS, SHARD_PREFIX, Chunk, InputFile, Manifest, Shard,
                      check_output_format, clear_output, default_output_format, expand_inputs, output_columns,
-                     plan_record, plan_shards, read_span, shard_file, write_shard)
+                     plan_record, plan_shards, read_shard, read_span, shard_file, write_shard)
 
 INSTALL_HINT = "--engine ray needs Ray: pip install -e '.[ray]' (or: make ray-env)"
 ROWS_PER_BLOCK = 64        # rows in one actor task: the unit Ray retries when an actor dies
@@ -243,14 +243,6 @@ def _prepare_output(out: Path, args, plan: dict) -> Manifest | None:
     return None
 
 
-def _read_output_rows(path: Path, fmt: str) -> list[dict]:
-    if fmt == "parquet":
-        import pyarrow.parquet as pq
-        return pq.read_table(path).to_pylist()
-    from .rowio import read_rows
-    return read_rows(str(path), fmt)
-
-
 def run_classify_ray(args: argparse.Namespace, rules: RuleSet | None = None) -> int:
     """`classify --engine ray`, with the rules already read; ValueError for a user's mistake (the CLI prints it as
     one line)."""
@@ -363,7 +355,7 @@ class _Sink:
             if self.path(s).is_file():
                 n = counted.get(self.path(s).name)
                 self.errors[s.index] = n if n is not None else sum(
-                    1 for r in _read_output_rows(self.path(s), self.fmt) if r.get("error"))
+                    1 for r in read_shard(self.path(s), self.fmt) if r.get("error"))
         self.todo = [s for s in self.shards if s.index not in self.errors]
 
     def fill(self, manifest: Manifest) -> None:
@@ -428,7 +420,7 @@ class _Sink:
         return (self.written - self.at_first) / busy if busy > 0 else 0.0
 
     def read_all(self) -> list[dict]:
-        return [row for s in self.shards if s.index in self.errors for row in _read_output_rows(self.path(s), self.fmt)]
+        return [row for s in self.shards if s.index in self.errors for row in read_shard(self.path(s), self.fmt)]
 
 
 def _ray_error(exc: Exception) -> str:

@@ -22,7 +22,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from .rowio import OUTPUT_COLUMNS, Record, RowWriter, detect_format, output_header, read_records, refuse_clash
+from .rowio import (OUTPUT_COLUMNS, Record, RowWriter, detect_format, output_header, read_records, read_rows,
+                    refuse_clash)
 from .rules import RULE_COLUMNS
 
 PARQUET_EXTENSIONS = (".parquet", ".pq")
@@ -259,6 +260,14 @@ def write_shard(path: Path, out_fmt: str, columns: list[str] | None, rows: list[
             writer.write(row)
         writer.close()
     os.replace(tmp, path)
+
+
+def read_shard(path: Path, fmt: str) -> list[dict]:
+    """The rows of one shard file written by write_shard (CSV, JSONL or Parquet)."""
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+        return pq.read_table(path).to_pylist()
+    return read_rows(str(path), fmt)
 
 
 def _write_parquet(path: Path, rows: list[dict]) -> None:

@@ -321,17 +321,10 @@ def read_labels(path: Path) -> list[dict]:
     """The rows of DIR/labels.csv|.jsonl, or of the shards of DIR/labels/ in order."""
     if not path.is_dir():
         return read_rows(str(path), "jsonl" if path.suffix == ".jsonl" else "csv")
-    from .shards import Manifest, Shard, shard_file
+    from .shards import Manifest, Shard, read_shard, shard_file
     manifest = Manifest.load(path)
-    fmt, rows = manifest.plan["output_format"], []
-    for s in manifest.plan["shards"]:
-        file = path / shard_file(Shard(**s), fmt)
-        if fmt == "parquet":
-            import pyarrow.parquet as pq
-            rows += pq.read_table(file).to_pylist()
-        else:
-            rows += read_rows(str(file), fmt)
-    return rows
+    fmt = manifest.plan["output_format"]
+    return [row for s in manifest.plan["shards"] for row in read_shard(path / shard_file(Shard(**s), fmt), fmt)]
 
 
 def join_labels(records, good, labels: list[dict], path: Path, column: str) -> tuple[list[Row], int]:
