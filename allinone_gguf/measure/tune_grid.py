@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import os
 import subprocess
 import sys
@@ -25,6 +24,7 @@ import time
 from pathlib import Path
 
 from ..paths import ROOT
+from ..runtime import sigmoid
 from ..scoring import ece_floor, expected_calibration_error
 from ..tune.config import TuneSettings
 from ..tune.run import TuneError, find_checkout, fit_temperature
@@ -71,7 +71,7 @@ def slug(pairs: dict) -> str:
 
 
 def language(source: str) -> str:
-    """The held-back texts' language, by training file: the English set is SST-2's."""
+    """A training or dev file's language, by its name: the English sets are SST-2's."""
     return "en" if source.startswith("sst2") else "zh"
 
 
@@ -89,9 +89,8 @@ def calibrations(margins: dict) -> dict:
     for name, fitted in out.items():
         ece, floor, gold, probs = {}, {}, [], []
         for dev, rows in margins["dev"].items():
-            t = fitted["temperature"] if name == "one temperature" else \
-                fitted["temperature"]["en" if dev.startswith("sst2") else "zh"]
-            p = [1 / (1 + math.exp(-max(-60, min(60, m / t)))) for _, m in rows]
+            t = fitted["temperature"] if name == "one temperature" else fitted["temperature"][language(dev)]
+            p = [sigmoid(m / t) for _, m in rows]
             ece[dev] = expected_calibration_error([y == 1 for y, _ in rows], p)
             floor[dev] = ece_floor(p)[0]
             gold += [y == 1 for y, _ in rows]
