@@ -138,9 +138,9 @@ def evaluate_with(bot, datasets, a, summary: list[str], curves: list) -> None:
         p50 = statistics.median(secs)
         source = bot.classify(rows[0][1], labels=cfg.labels).source if rows else "-"
         ece = ece_of(gold, ms, cfg.sentiment_bias)
-        floor = ece_floor([sigmoid(m + cfg.sentiment_bias) for m in ms])[0]  # what a calibrated model shows on n texts
-        curves.append((f"{path.name} ({source}, ECE {ece:.3f})",
-                       reliability([g == POSITIVE for g in gold], [sigmoid(m + cfg.sentiment_bias) for m in ms])))
+        p_positive = [sigmoid(m + cfg.sentiment_bias) for m in ms]
+        floor = ece_floor(p_positive)[0]        # the ECE a perfectly calibrated model shows on as many texts
+        curves.append((f"{path.name} ({source}, ECE {ece:.3f})", reliability([g == POSITIVE for g in gold], p_positive)))
         print(f"\n{path.name} ({source}): n={s.n} accuracy={s.accuracy:.3f} recall 正面={s.recall[POSITIVE]:.3f} "
               f"负面={s.recall[NEGATIVE]:.3f}  ECE {ece:.3f} (perfectly calibrated: {floor:.3f})  p50 {p50 * 1000:.0f} ms/text")
         print(s.table())
