@@ -639,22 +639,49 @@ def test_long_texts_are_clipped_before_tokenizing_and_api_chat_refuses_them():
 
 
 # -- respond: the label and the reply's prefill overlap ------------------------------------------------------------
-def test_respond_decodes_the_label_beside_the_prompt_and_the_cue_after_it(bot):
+@pytest.mark.parametrize("text", ["今天真好好好", "今天真差差差"])
+def test_respond_reads_the_label_first_then_decodes_the_prompt_with_its_cue_at_once(bot, text):
     b = backend(bot)
-    alone = bot.classify("今天真好好好")
-    expected = "".join(bot.stream_reply("今天真好好好", sentiment=alone, conversation="solo"))
+    alone = bot.classify(text)
+    expected = "".join(bot.stream_reply(text, sentiment=alone, conversation="solo"))
     "".join(bot.stream_reply("重置", conversation="solo"))       # the slot now holds another turn
     before = len(b.batches)
-    with bot.respond("今天真好好好", conversation="other") as stream:
+    with bot.respond(text, conversation="other") as stream:
         s = stream.sentiment()
         reply = "".join(stream)
     assert (s.label, s.confidence) == (alone.label, pytest.approx(alone.confidence))
-    assert reply == expected                                     # the same cue reached the model
-    first = b.batches[before]
-    # one llama_decode held the text's sentiment frame (a branch) and the reply's prompt (a slot) together
-    assert len(first) == 2 and stream.usage["prompt_tokens"] > first[1]
-    # the cue and the turn's close followed in the next batch, then one token a step
-    assert b.batches[before + 1] == [stream.usage["prompt_tokens"] - stream.usage["cached_tokens"] - first[1]]
+    assert reply == expected
+    cue = SENTIMENT_CUE["zh"][0 if s.is_positive else 1]
+    assert text + cue in held_text(b.decodes[-1][1])            # the slot holds the label's cue
+    # nothing else streamed: the text's sentiment frame (a branch) was decoded alone, then the reply's whole new
+    # prompt, cue included, in one decode; then one token a step
+    new = stream.usage["prompt_tokens"] - stream.usage["cached_tokens"]
+    assert len(b.batches[before]) == 1 and b.batches[before + 1] == [new]
+    assert b.batches[before + 2] == [1]
+
+
+def test_respond_beside_a_streaming_reply_decodes_the_label_with_the_prompt_and_the_cue_with_the_next_tokens():
+    with GatedBot("fake.gguf", n_threads=1, n_ctx=2048, sentiment_prompt="seed", sentiment_cache=0) as bot:
+        b = backend(bot)
+        b.armed = True
+        first = bot.stream_reply("你好你好你好你好", conversation="a", max_tokens=30)
+        assert b.entered.acquire(timeout=30)          # its prompt is being decoded
+        b.proceed.release()
+        assert b.entered.acquire(timeout=30)          # its first sampled token is being decoded: it streams
+        stream = bot.respond("今天真差差差", conversation="b")
+        while bot.load["waiting"] == 0:               # submitted (the worker is held in decode)
+            time.sleep(0.001)
+        before = len(b.batches)
+        b.armed = False
+        b.proceed.release()
+        s = stream.sentiment()
+        reply = "".join(stream)
+        assert s.label == "负面" and reply and "".join(first)
+    # no decode of its own for the label while another reply streams: one batch held the text's frame, that
+    # reply's next token and the new prompt up to the cue; the next, that reply's next token and the cue
+    shapes = b.batches[before:]
+    assert len(shapes[0]) == 3 and shapes[0][1] == 1
+    assert len(shapes[1]) == 2 and shapes[1][0] == 1 and shapes[1][1] > 1
 
 
 def test_respond_with_a_label_that_fails_fails_the_reply(bot):
@@ -691,10 +718,10 @@ def test_a_reply_waiting_for_its_first_token_is_not_slowed_by_a_large_classifica
         while bot.load["waiting"] == 0 and not bot.load["streams"]:
             time.sleep(0.001)
         seen = len(b.texts_per_step)
-        for _ in range(3):                             # the label with the prompt, then the cue: then a token
+        for _ in range(3):                             # the label alone, then the prompt with its cue: a token
             b.proceed.release()
             assert b.entered.acquire(timeout=30)
-        # the steps that carried the reply's label, prompt and cue had no text of the large job beside them
+        # the steps that carried the reply's label, then its prompt and cue, had no text of the large job beside
         assert b.texts_per_step[seen:seen + 2] == [1, 0], b.texts_per_step
         b.armed = False
         b.proceed.release()

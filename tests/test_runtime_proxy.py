@@ -129,3 +129,27 @@ def test_respond_gives_the_labels_and_confidences_classify_gives(bot):
             together = stream.sentiment()
             "".join(stream)
         assert together.label == alone.label and abs(together.confidence - alone.confidence) <= 1e-3, text
+
+
+@pytest.mark.parametrize("bias", [50.0, -50.0], ids=["positive", "negative"])
+def test_respond_continues_from_the_cue_its_label_picked(proxy_model, bias):
+    """respond() decodes the prompt's cue once the label is read. The reply's second token is computed from the
+    slot's cells: its log probability must match a reply given that label's cue, not the other's (bias forces the
+    label)."""
+    import dataclasses
+    text = "这家店的菜太难吃了，再也不来了。"
+
+    def second(bot, **kw):
+        with (bot.respond(text, **kw) if "sentiment" not in kw else bot.stream_reply(text, **kw)) as stream:
+            "".join(stream)
+            return stream, [t.logprob for t in stream.logprobs()]
+    opts = dict(max_tokens=2, temperature=0, logprobs=1)
+    with AllInOne(proxy_model, n_threads=2, sentiment_cache=0, sentiment_bias=bias) as bot:
+        stream, got = second(bot, **opts)
+    label = stream.sentiment()
+    assert label.is_positive == (bias > 0)
+    flipped = dataclasses.replace(label, label=label.labels[0 if bias < 0 else 1])
+    with AllInOne(proxy_model, n_threads=2, sentiment_cache=0) as plain:
+        right = second(plain, sentiment=label, **opts)[1]
+        wrong = second(plain, sentiment=flipped, **opts)[1]
+    assert abs(got[1] - right[1]) < abs(got[1] - wrong[1]) / 3, (got, right, wrong)

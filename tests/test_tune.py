@@ -143,6 +143,24 @@ def test_adapter_changes_the_sentiment_only_and_replies_stay_identical(model, ti
     assert steps > 0
 
 
+def test_respond_with_the_adapter_reads_the_label_first_then_decodes_the_prompt_and_its_cue_at_once(
+        model, tiny_checkout, tmp_path):
+    install_adapter(model, tiny_checkout, tmp_path)
+    with AllInOne(model, n_ctx=1024, seed=5, sentiment_cache=0) as bot:
+        before = bot.stats()
+        with bot.respond("送餐太慢了，菜都凉了。", max_tokens=8, temperature=0) as stream:
+            label = stream.sentiment()
+            reply = "".join(stream)
+        after = bot.stats()
+    with AllInOne(model, sentiment_adapter="off", n_ctx=1024, seed=5) as plain:
+        known = "".join(plain.stream_reply("送餐太慢了，菜都凉了。", sentiment=label, max_tokens=8, temperature=0))
+    assert label.source == "adapter"
+    assert reply == known        # the reply's batches never carried the LoRA, and its cue is the label's
+    # llama_decode calls: the label (with the LoRA), the prompt with the cue, then one per token after the first
+    assert after["batches"] - before["batches"] == 2 + stream.usage["completion_tokens"] - \
+        (stream.finish_reason == "length")
+
+
 def test_off_ignores_the_adapter_and_auto_without_one_is_the_grammar(model, tiny_checkout, tmp_path):
     with AllInOne(model, n_ctx=1024) as bot:
         assert bot.sentiment_adapter is None and bot.classify("好").source == "grammar"

@@ -244,7 +244,13 @@ class Scheduler:
 
     def _step(self) -> None:
         """One llama_decode: the next token of every running reply, one group of texts to classify, and as much
-        of new replies' prompts as still fits the batch."""
+        of new replies' prompts as still fits the batch.
+
+        The texts go first, in a decode of their own, when the sentiment LoRA is on (it must touch them only), and
+        when a reply waits for their label while no other reply streams: the label is then read sooner, and the
+        reply's prompt follows in one decode with its cue, instead of a decode of the prompt and then a small one
+        of the cue (a decode has a fixed price: worth paying when nobody else waits on it; with replies streaming,
+        the cue rides along with their next tokens instead)."""
         b = self.backend
         for job in [j for j in self._streams if j.cancelled.is_set()]:
             self._finish(job, "cancelled")
@@ -255,10 +261,7 @@ class Scheduler:
             self._take_label(job)
         parts, owners, room = [], [], b.n_batch
         generating = [j for j in self._streams if j.sampled and j.pending]
-        prefilling = [j for j in self._streams if not j.sampled and j.pending and not j.deferred]
         for job in generating:
-            parts.append((job.slot.seq, job.pending, True))
-            owners.append(("reply", job))
             room -= len(job.pending)
         group_job, group = self._next_group(room)
         if group_job is not None:
@@ -275,23 +278,24 @@ class Scheduler:
                     parts.append((seq, toks, True))
                     owners.append(("text", (group_job, index)))
                     room -= len(toks)
-        for job in prefilling:
+        if group_job is not None and (group_job.adapter or not generating and any(
+                j.label_job is group_job and j.later is not None for j in self._streams)):
+            self._decode(parts, owners, group_job, group, group_job.adapter)
+            for job in [j for j in self._streams if j.later is not None]:
+                self._take_label(job)
+            parts, owners, group_job, group = [], [], None, None
+            room = b.n_batch - sum(len(j.pending) for j in generating)
+        for job in generating:
+            parts.append((job.slot.seq, job.pending, True))
+            owners.append(("reply", job))
+        for job in [j for j in self._streams if not j.sampled and j.pending and not j.deferred]:
             if room <= 0:
                 break
             chunk = job.pending[:room]
             parts.append((job.slot.seq, chunk, len(chunk) == len(job.pending) and job.later is None))
             owners.append(("prompt", job))
             room -= len(chunk)
-        if not parts:
-            return
-        if group_job is not None and group_job.adapter:
-            # The LoRA is applied per batch: the texts get one of their own, the replies another without it.
-            texts = [i for i, (kind, _) in enumerate(owners) if kind == "text"]
-            rest = [i for i in range(len(parts)) if i not in texts]
-            self._decode([parts[i] for i in texts], [owners[i] for i in texts], group_job, group, True)
-            if rest:
-                self._decode([parts[i] for i in rest], [owners[i] for i in rest], None, None, False)
-        else:
+        if parts:
             self._decode(parts, owners, group_job, group, False)
 
     def _next_group(self, room: int) -> tuple[ClassifyJob | None, list | None]:
