@@ -6,7 +6,9 @@
 For 1, 4 and 8 concurrent users (each sends --rounds messages one after the other, streamed through the
 official `openai` client, --tokens new tokens at temperature 0.7) against our app (`app.py --parallel 4`): the
 time to the label (the first chunk, which carries "sentiment"), the time to the first reply token (p50/p95),
-per-stream and aggregate tokens/s, and the app's RSS after start and after all the turns. The same clients then
+per-stream and aggregate tokens/s, the app's RSS after start and after all the turns (and after start without the
+page, `--no-page`), and one user's messages through the runtime alone (`AllInOne.respond` in this process: what the
+HTTP layer adds). The same clients then
 ask llama.cpp's own `llama-server` on the same file, threads and slots (`-np 4 -c 4096`), which only replies,
 when its binary is given or was built by `make llama-server`; without it that column is skipped, and the run
 says so. Results: a Markdown table on stdout, JSON and Markdown in bench/results/messages-<date>-<model>.json (.md).
@@ -82,6 +84,24 @@ def run_users(base_url: str, users: int, rounds: int, tokens: int, key: str | No
             "label_p95_s": percentile(labels, 95) if labels else None}
 
 
+def runtime_alone(model: Path, threads: int, rounds: int, tokens: int) -> dict:
+    """One user's messages (run_users' texts and seeds) through `AllInOne.respond` in this process: the label and
+    first token without the HTTP layer, so the difference is what HTTP, the app and the client add."""
+    from ..runtime import AllInOne
+    labels, firsts = [], []
+    with AllInOne(model, n_threads=threads, parallel=SLOTS, sentiment_cache=0) as bot:
+        "".join(bot.respond("你好", max_tokens=4))                         # warm-up, left out
+        for r in range(rounds):
+            start = time.perf_counter()
+            with bot.respond(PROMPTS[r % len(PROMPTS)], max_tokens=tokens, temperature=0.7, seed=r) as stream:
+                stream.sentiment()
+                labels.append(time.perf_counter() - start)
+                first = next((time.perf_counter() for piece in stream if piece), None)
+                firsts.append((first or time.perf_counter()) - start)
+                "".join(stream)
+    return {"messages": rounds, "label_p50_s": percentile(labels, 50), "ttft_p50_s": percentile(firsts, 50)}
+
+
 @contextlib.contextmanager
 def llama_server(binary: Path, model: Path, threads: int):
     port = free_port()
@@ -132,6 +152,10 @@ def measure(model: Path, threads: int, users: list[int], rounds: int, tokens: in
         out["turns"] = sum(r["messages"] for r in out["ours"]) + len(users)
         if peer is not None:
             peer["rss_mb"] = rss_mb(pid)
+    with running_app(model, model.parent, "--n-threads", str(threads), "--parallel", str(SLOTS), "--no-page") as api:
+        out["api_only_rss_start_mb"] = rss_mb(api.proc.pid)       # the same app without the Gradio page
+    print("  the runtime alone: 1 user ...", flush=True)
+    out["runtime_alone"] = runtime_alone(model, threads, rounds, tokens)
     out["loadavg_end"] = list(os.getloadavg())
     return out
 
@@ -153,8 +177,16 @@ def render(r: dict) -> str:
             + f"{o['aggregate_tps']:.1f} ({o['per_stream_tps']:.1f}) | "
             + (f"{p['aggregate_tps']:.1f} ({p['per_stream_tps']:.1f}) | {o['aggregate_tps'] / p['aggregate_tps']:.2f} |"
                if p else "– | – |"))
+    alone, one = r.get("runtime_alone"), next((o for o in r["ours"] if o["users"] == 1), None)
+    if alone and one:
+        lines += ["", f"The runtime alone (the 1-user messages through `AllInOne.respond` in the bench's process): "
+                      f"label p50 {alone['label_p50_s'] * 1000:.0f} ms, first token p50 {alone['ttft_p50_s'] * 1000:.0f}"
+                      f" ms; HTTP, the app and the client add {(one['ttft_p50_s'] - alone['ttft_p50_s']) * 1000:.0f} ms "
+                      "to the first token"]
     lines += ["", f"App RSS: {r['app_rss_start_mb']:.0f} MB after start, {r['app_rss_end_mb']:.0f} MB after "
-                  f"{r['turns']} turns"]
+                  f"{r['turns']} turns"
+              + (f"; {r['api_only_rss_start_mb']:.0f} MB after start without the page (`--no-page`)"
+                 if r.get("api_only_rss_start_mb") else "")]
     if r["llama_server"] is None:
         lines.append("llama-server: not measured (no binary; `make llama-server` builds it)")
     else:
