@@ -4,7 +4,8 @@
     make bench-messages [MODEL=...]
 
 For 1, 4 and 8 concurrent users (each sends --rounds messages one after the other, streamed through the
-official `openai` client, --tokens new tokens at temperature 0.7) against our app (`app.py --parallel 4`): the
+official `openai` client, --tokens new tokens, both servers sampling with the runtime's defaults: temperature,
+top_k, top_p, repetition penalty) against our app (`app.py --parallel 4`): the
 time to the label (the first chunk, which carries "sentiment"), the time to the first reply token (p50/p95),
 per-stream and aggregate tokens/s, the app's RSS after start and after all the turns (and after start without the
 page, `--no-page`), and one user's messages through the runtime alone (`AllInOne.respond` in this process: what the
@@ -26,6 +27,7 @@ import time
 from pathlib import Path
 
 from ..paths import ROOT
+from ..runtime.config import Settings
 from .app_process import free_port, running_app
 from .bench_serving import PROMPTS
 from .bench_worker import REPLY_TOKENS, percentile
@@ -36,9 +38,14 @@ SLOTS, CTX = 4, 4096
 
 
 def one_message(client, text: str, tokens: int, seed: int) -> dict:
+    # Both servers sample alike: our runtime's defaults, sent to llama-server too (its own are top_k 40, top_p 0.95,
+    # min_p 0.05, no repetition penalty); our API reads top_p and ignores the keys it does not know.
+    s = Settings()
     start = time.perf_counter()
     stream = client.chat.completions.create(model="x", messages=[{"role": "user", "content": text}], stream=True,
-                                            max_tokens=tokens, temperature=0.7, seed=seed,
+                                            max_tokens=tokens, temperature=s.temperature, seed=seed, top_p=s.top_p,
+                                            extra_body={"top_k": s.top_k, "repeat_penalty": s.repeat_penalty,
+                                                        "min_p": 0.0},
                                             stream_options={"include_usage": True})
     label = first = None
     n = 0
@@ -77,7 +84,7 @@ def run_users(base_url: str, users: int, rounds: int, tokens: int, key: str | No
     labels = [m["label_s"] for m in results if m["label_s"] is not None]
     ttft = [m["ttft_s"] for m in results]
     return {"users": users, "messages": len(results), "tokens": sum(m["tokens"] for m in results),
-            "aggregate_tps": sum(m["tokens"] for m in results) / wall,
+            "aggregate_tps": sum(m["tokens"] for m in results) / wall, "messages_per_s": len(results) / wall,
             "per_stream_tps": statistics.fmean(m["tps"] for m in results if m["tps"] == m["tps"]),
             "ttft_p50_s": percentile(ttft, 50), "ttft_p95_s": percentile(ttft, 95),
             "label_p50_s": percentile(labels, 50) if labels else None,
@@ -132,7 +139,9 @@ def measure(model: Path, threads: int, users: list[int], rounds: int, tokens: in
     and then on llama-server, so a change in the machine's load touches both columns alike."""
     out = {"model": model.name, "threads": threads, "slots": SLOTS, "tokens": tokens, "rounds": rounds,
            "machine": cpu_info(), "date": datetime.date.today().isoformat(), "commit": git_commit(),
-           "loadavg_start": list(os.getloadavg()), "ours": [], "llama_server": None}
+           "loadavg_start": list(os.getloadavg()), "ours": [], "llama_server": None,
+           "sampling": "temperature {0.temperature}, top_k {0.top_k}, top_p {0.top_p}, repeat_penalty "
+                       "{0.repeat_penalty}".format(Settings())}
     with contextlib.ExitStack() as stack:
         # --sentiment-cache 0: the users' messages repeat, and each message's label is part of what is measured
         app = stack.enter_context(running_app(model, model.parent, "--n-threads", str(threads),
@@ -163,11 +172,12 @@ def measure(model: Path, threads: int, users: list[int], rounds: int, tokens: in
 def render(r: dict) -> str:
     peer = {x["users"]: x for x in (r["llama_server"] or {}).get("runs", [])}
     lines = [f"Messages through the HTTP API — {r['model']}, {r['threads']} threads, {r['slots']} slots, "
-             f"{r['tokens']} new tokens at 0.7, {r['rounds']} messages per user; {r['machine']['cpu']}, {r['date']}, "
+             f"{r['tokens']} new tokens ({r.get('sampling') or 'at temperature 0.7'}), {r['rounds']} messages per user; {r['machine']['cpu']}, {r['date']}, "
              f"load average {r['loadavg_start'][0]:.2f} -> {r['loadavg_end'][0]:.2f}",
              "", "| users | ours: label p50 | ours: first token p50 / p95 | llama-server (bare reply): first token "
-             "p50 / p95 | ours: aggregate tok/s (per stream) | llama-server | aggregate ratio |",
-             "|---|---|---|---|---|---|---|"]
+             "p50 / p95 | ours: aggregate tok/s (per stream) | llama-server | aggregate ratio | messages/s: ours / "
+             "llama-server (tokens a reply) |",
+             "|---|---|---|---|---|---|---|---|"]
     for o in r["ours"]:
         p = peer.get(o["users"])
         ms = lambda x: f"{x * 1000:.0f}"  # noqa: E731
@@ -176,7 +186,9 @@ def render(r: dict) -> str:
             + (f"{ms(p['ttft_p50_s'])} / {ms(p['ttft_p95_s'])} ms | " if p else "– | ")
             + f"{o['aggregate_tps']:.1f} ({o['per_stream_tps']:.1f}) | "
             + (f"{p['aggregate_tps']:.1f} ({p['per_stream_tps']:.1f}) | {o['aggregate_tps'] / p['aggregate_tps']:.2f} |"
-               if p else "– | – |"))
+               if p else "– | – |")
+            + (f" {o['messages_per_s']:.2f} ({o['tokens'] / o['messages']:.0f}) / {p['messages_per_s']:.2f} "
+               f"({p['tokens'] / p['messages']:.0f}) |" if p and "messages_per_s" in o else " – |"))
     alone, one = r.get("runtime_alone"), next((o for o in r["ours"] if o["users"] == 1), None)
     if alone and one:
         lines += ["", f"The runtime alone (the 1-user messages through `AllInOne.respond` in the bench's process): "
