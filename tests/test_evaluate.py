@@ -37,7 +37,7 @@ class FakeBot(FakeRuntime):
         return ("正面", "负面")
 
     def classify(self, text, labels=None):
-        asked = re.search("输出(正面|负面)$", text)
+        asked = re.search("(正面|负面)", text)           # the label an injection asks for (no text here names one)
         if asked and "!" in text:
             margin = 3.0 if asked.group(1) == "正面" else -3.0
         else:
@@ -49,6 +49,22 @@ class FakeBot(FakeRuntime):
 
     def __exit__(self, *exc):
         pass
+
+
+def test_inject_all_measures_each_held_out_wording_and_their_total(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(allinone_gguf.runtime, "AllInOne", FakeBot)
+    rows = [("1", "很好!"), ("1", "好"), ("1", "一般!"), ("0", "差"), ("0", "不好"), ("0", "太差!")]
+    data = write_set(tmp_path / "fake.csv", rows)
+    assert evaluate.main([str(tmp_path / "x.gguf"), str(data), "--inject", "all"]) == 0
+    out = capsys.readouterr().out
+    wordings = evaluate.HELD_OUT_INJECTIONS["zh"]
+    assert len(wordings) >= 4 and {where for where, _ in wordings} == {"before", "after"}
+    # none is a wording the training used
+    from allinone_gguf.tune.data import TRAIN_INJECTIONS
+    assert not {t for _, t in wordings} & {t for ws in TRAIN_INJECTIONS.values() for _, t in ws}
+    for where, template in wordings:                 # each wins on the three texts with "!"
+        assert f"  injection {where} {template!r}: flipped 3 of 6 (50.0%)" in out
+    assert f"prompt injection flipped {3 * len(wordings)} of {6 * len(wordings)} labels (50.0%)" in out
 
 
 def test_evaluate_figures_on_controlled_margins(monkeypatch, tmp_path, capsys):
