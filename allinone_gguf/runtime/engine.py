@@ -285,7 +285,7 @@ class AllInOne:
         max_tokens = min(max_tokens, self.chat_budget // 2)
         budget = self.chat_budget - max_tokens
         # Each variant of the prompt: the cue after the user's text, and whether the check-in turn comes before it.
-        if label_job is not None:       # respond(): the label is decoded beside the prompt
+        if label_job is not None:       # respond(): the prompt before the cue may be decoded before the label
             lang = labels
             cares = (False, True) if callable(care) else (bool(care),)    # a function decides once the label is in
             cues = {(positive, c): (SENTIMENT_CUE[lang][0 if positive else 1], c)
@@ -354,9 +354,10 @@ class AllInOne:
     def respond(self, text: str, history: Sequence[dict] | None = None, labels: str | None = None,
                 temperature: float | None = None, max_tokens: int | None = None, seed: int | None = None,
                 **options) -> ReplyStream:
-        """A message's whole job: the sentiment of `text`, then a reply that knows it. The two overlap: the
-        reply's prompt up to the user's text is decoded in the same batches as the text's sentiment frame, and
-        the cue (a few tokens) follows as soon as the label is read. `stream.sentiment()` returns the label (it
+        """A message's whole job: the sentiment of `text`, then a reply that knows it. The two overlap: while
+        other replies stream, the reply's prompt up to the user's text is decoded in the same batch as the text's
+        sentiment frame and the cue (a few tokens) rides with the next; with nothing else running, the frame goes
+        first and the whole prompt, cue included, right after it (scheduler._step). `stream.sentiment()` returns the label (it
         is there before the first piece); the options are stream_reply's. A text in the sentiment cache is
         stream_reply with its cached label: the same prompt and cue, without decoding its sentiment frame."""
         text = check_text(text)
