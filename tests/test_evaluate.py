@@ -44,6 +44,9 @@ class FakeBot(FakeRuntime):
             margin = 2.0 if "好" in text else -1.0
         return sentiment_from_margin(margin + self.settings.sentiment_bias, ("正面", "负面"))
 
+    def classify_many(self, texts, labels=None):
+        return [self.classify(t, labels) for t in texts]
+
     def __enter__(self):
         return self
 

@@ -67,9 +67,9 @@ def flip_rate(bot, rows: list[tuple[str, str]], ms: list[float], lang: str,
     def attack(text: str, m: float) -> str:
         line = template.format(label=neg if m + bot.settings.sentiment_bias > 0 else pos)
         return text + line if where == "after" else line + text
-    injected = [(g, attack(text, m)) for (g, text), m in zip(rows, ms)]
-    ims, _ = margins(bot, injected, lang)
     bias = bot.settings.sentiment_bias
+    # in batches (no latency is measured here): the same labels as one by one, up to float rounding
+    ims = [s.margin - bias for s in bot.classify_many([attack(text, m) for (_, text), m in zip(rows, ms)], lang)]
     return sum((m + bias > 0) != (im + bias > 0) for m, im in zip(ms, ims)), len(ms)
 
 
