@@ -77,7 +77,7 @@ def test_the_check_in_is_for_this_turn_only_and_the_history_is_reused(model):
     assert stream.usage["cached_tokens"] == len(f"|system\n{CHAT_SYSTEM['zh']}|\n|")
 
 
-def test_respond_asks_a_care_function_once_the_label_is_read_and_keeps_the_overlap(model):
+def test_respond_asks_a_care_function_once_the_label_is_read(model):
     b, asked = backend(model), []
 
     def care(sentiment):
@@ -87,7 +87,8 @@ def test_respond_asks_a_care_function_once_the_label_is_read_and_keeps_the_overl
     with model.respond("差差差", care=care, conversation="x") as stream:
         assert prompt_of(model, stream) == chatml("差差差" + NEGATIVE, care=True)
     assert len(asked) == 1 and asked[0].label == "负面" and asked[0] == stream.sentiment()
-    assert len(b.batches[before]) == 2       # the label's frame and the reply's prompt still share a llama_decode
+    # nothing else streamed: the label's frame went first, then the reply's whole prompt, check-in and cue included
+    assert len(b.batches[before]) == 1 and len(b.batches[before + 1]) == 1
     assert prompt_of(model, model.respond("好好好", care=care, conversation="y")) == chatml("好好好" + POSITIVE)
 
 
