@@ -255,3 +255,18 @@ def test_the_sentiment_cache_decodes_a_text_once_by_llama_cpps_own_counter(tiny_
         assert cost <= stream.usage["prompt_tokens"] - stream.usage["cached_tokens"] + stream.usage["completion_tokens"]
         s = cached.stats()
         assert (s["sentiment_cache_hits"], s["sentiment_cache_misses"], s["sentiment_cache_entries"]) == (4, 4, 4)
+
+
+def test_flash_attention_auto_is_on_for_the_cpu_and_off_agrees(tiny_models):
+    """The runtime leaves flash attention to llama.cpp's auto, which picks it on the CPU (the same floats as
+    asking for it); off computes the same attention another way (close, not equal)."""
+    from allinone_gguf.runtime.backend import Backend
+    rows = {}
+    for fa in (None, True, False):
+        b = Backend(tiny_models["Q8_0"], n_ctx=256, n_threads=1, n_seq=1, flash_attn=fa)
+        try:
+            rows[fa] = b.prefill(0, list(range(1000, 1040))).copy()
+        finally:
+            b.close()
+    assert (rows[None] == rows[True]).all()
+    assert abs(rows[True] - rows[False]).max() < 0.05 and (rows[True] != rows[False]).any()

@@ -74,7 +74,8 @@ def _decode_failure(rc: int) -> str:
 class Backend:
     """A llama.cpp model + context with `n_seq` sequences in one unified KV cache of `n_ctx` cells."""
 
-    def __init__(self, path: str | Path, *, n_ctx: int, n_threads: int, n_seq: int, n_batch: int = 512):
+    def __init__(self, path: str | Path, *, n_ctx: int, n_threads: int, n_seq: int, n_batch: int = 512,
+                 flash_attn: bool | None = None):
         global _backend_initialised
         self.path = Path(path)
         check_gguf(self.path)
@@ -99,6 +100,8 @@ class Backend:
         cparams.n_seq_max = n_seq
         cparams.kv_unified = True      # all sequences share the n_ctx cells instead of n_ctx / n_seq each
         cparams.no_perf = False        # keep llama.cpp's timings: perf() reports them
+        if flash_attn is not None:     # None: llama.cpp's auto, which turns it on where the backend has it (CPU)
+            cparams.flash_attn_type = int(flash_attn)
         self.ctx = llama_cpp.llama_init_from_model(self.model, cparams)
         if not self.ctx:
             self.close()

@@ -54,11 +54,16 @@ def bare_prefill_s(path: str | Path, n_tokens: int, *, n_threads: int, n_ctx: in
 
 
 def bare_generation_tps(path: str | Path, *, n_threads: int, streams: int = 1, tokens: int = 64,
-                        prompt_tokens: int = 32, n_ctx: int = 4096) -> float:
+                        prompt_tokens: int = 32, n_ctx: int = 4096, flash_attn: bool | None = None,
+                        other_cells: int = 0) -> float:
     """Aggregate tokens/s of `streams` sequences each generating `tokens` greedy tokens, one llama_decode per
-    step with every sequence's next token in it (the plain continuous-batching loop)."""
-    b = Backend(path, n_ctx=n_ctx, n_threads=n_threads, n_seq=streams)
+    step with every sequence's next token in it (the plain continuous-batching loop). `flash_attn`: None is
+    llama.cpp's auto (on, on CPU); `other_cells`: one more sequence holds that many cells meanwhile, as our
+    sentiment frame does beside the replies (every token's attention passes over them, masked)."""
+    b = Backend(path, n_ctx=n_ctx, n_threads=n_threads, n_seq=streams + 1, flash_attn=flash_attn)
     try:
+        if other_cells:
+            b.prefill(streams, list(range(3000, 3000 + other_cells)))
         prompt = list(range(1000, 1000 + prompt_tokens))
         nxt = []
         for seq in range(streams):
