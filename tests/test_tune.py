@@ -496,6 +496,24 @@ def test_grid_compares_one_temperature_with_one_per_language():
     assert max(c["per language"]["ece"].values()) < max(c["one temperature"]["ece"].values())
 
 
+def test_grid_rows_mean_the_same_whatever_tunes_defaults_become(tmp_path):
+    from allinone_gguf.measure.tune_grid import DEFAULT_GRID, parse_setting, resolved, run_setting, stale
+    # every published row names its input length: a change of tune's default cannot change what a row means
+    assert all("max_tokens" in parse_setting(row) for row in DEFAULT_GRID)
+    recorded = {"training": {"settings": {**resolved({"texts": "300"}), "max_tokens": None, "resume": False}}}
+    assert stale(recorded, {"texts": "300", "max_tokens": "0"}) == []           # 0 and None: the runtime's length
+    assert stale(recorded, {"texts": "300", "max_tokens": "64"}) == ["max_tokens: None -> 64"]
+    assert stale(recorded, {"texts": "600", "max_tokens": "0"}) == ["texts: 300 -> 600"]
+    # a finished run of other settings in a row's folder is refused with the difference, not read back
+    folder = tmp_path / "row"
+    folder.mkdir()
+    (folder / "m.sentiment-lora.json").write_text(json.dumps(recorded), encoding="utf-8")
+    model = tmp_path / "m-Q4_K_M.gguf"
+    model.write_bytes(b"GGUF")
+    with pytest.raises(SystemExit, match="max_tokens: None -> 64"):
+        run_setting(model, {"texts": "300", "max_tokens": "64"}, None, folder)
+
+
 @pytest.mark.parametrize("limit, expected", [(64.0, 8), (3.0, 8), (2.2, 4), (1.8, None)])
 def test_max_memory_picks_the_largest_batch_that_fits(limit, expected):
     sizes = dict(prefix=94, longest=261)

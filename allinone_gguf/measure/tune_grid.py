@@ -35,10 +35,39 @@ FIELDS = {f.name: f for f in dataclasses.fields(TuneSettings)}
 KEYS = {*FIELDS, "checkout"}
 DEFAULT_WORK = Path.home() / ".cache" / "allinone-gguf" / "tune-grid"
 ALL = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
-# The published grid (bench/results/tune-grid-*): fewer texts than tune's default, then one knob at a time. Every
-# row holds back 100 texts per training file, so the calibrations are fitted on 600 texts.
-DEFAULT_GRID = ("texts=300,held=100", "texts=600,held=100", f"texts=300,held=100,targets={ALL}",
-                "texts=300,held=100,epochs=2", "texts=300,held=100,max_tokens=64")
+# The published grid (bench/results/tune-grid-*): 300 texts a file, then one knob at a time. Every row holds back
+# 100 texts per training file, so the calibrations are fitted on 600 texts, and names the input length itself
+# (max_tokens=0: the runtime's sentiment_tokens), so a row means the same whatever tune's defaults become.
+DEFAULT_GRID = ("texts=300,held=100,max_tokens=0", "texts=300,held=100,max_tokens=64",
+                "texts=300,held=100,checkout=gguf,max_tokens=0", "texts=600,held=100,max_tokens=64",
+                f"texts=300,held=100,max_tokens=64,targets={ALL}", "texts=300,held=100,max_tokens=64,epochs=2")
+# Settings that do not change what is trained (max_memory may lower the batch; that shows in the recorded batch).
+UNCOMPARED = {"resume", "max_memory"}
+
+
+def resolved(pairs: dict) -> dict:
+    """Every tune setting a row trains with: tune's defaults with the row's pairs, typed as recorded in an adapter's
+    metadata (max_tokens 0 and None both mean the runtime's sentiment_tokens).
+
+        >>> resolved({"texts": "300", "max_tokens": "0"})["max_tokens"], resolved({})["texts"] > 0
+        (None, True)
+    """
+    out = {name: f.default for name, f in FIELDS.items() if name not in UNCOMPARED}
+    for k, v in pairs.items():
+        if k in out:
+            kind = str(FIELDS[k].type)          # the dataclass's annotation, e.g. "int | None"
+            out[k] = (v.lower() in ("1", "true", "yes") if kind.startswith("bool") else int(v) if kind.startswith("int")
+                      else float(v) if kind.startswith("float") else v)
+    out["max_tokens"] = out["max_tokens"] or None
+    return out
+
+
+def stale(meta: dict, pairs: dict) -> list[str]:
+    """What a finished run's recorded settings say differently from what the row asks now ('k: was -> now')."""
+    recorded = dict(meta["training"]["settings"])
+    recorded["max_tokens"] = recorded.get("max_tokens") or None
+    return [f"{k}: {recorded.get(k)!r} -> {v!r}" for k, v in resolved(pairs).items()
+            if k in recorded and recorded[k] != v and not (isinstance(v, float) and abs(recorded[k] - v) < 1e-12)]
 
 
 def parse_setting(text: str) -> dict:
@@ -108,6 +137,9 @@ def run_setting(model: Path, pairs: dict, args, folder: Path) -> dict:
         link.symlink_to(model.resolve())
     metas = list(folder.glob("*.sentiment-lora.json"))
     margins_file = folder / "work" / "margins.json"
+    if metas and (changed := stale(json.loads(metas[0].read_text(encoding="utf-8")), pairs)):
+        raise SystemExit(f"tune_grid: {folder} holds a run of other settings ({'; '.join(changed)}): tune's "
+                         "defaults changed since; name the setting in the row, or move the folder away to train it again")
     if not (metas and margins_file.is_file() and "dev" in json.loads(metas[0].read_text(encoding="utf-8"))):
         flags = dict(pairs)
         source = flags.pop("checkout", "hf")
