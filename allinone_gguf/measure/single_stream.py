@@ -5,14 +5,18 @@ another sequence's cells beside it (the runtime keeps its sentiment frame in the
     python -m allinone_gguf.measure.single_stream MODEL.gguf [--threads 2] [--repeats 3]
 
 Runs alternate (ours, then each bare loop, repeated) so a change in the machine's load touches every row alike;
-each row is the median of the repeats, tokens/s counted after the first token.
+each row is the median of the repeats, tokens/s counted after the first token. Each run is a fresh process: a bare
+loop leaves an OpenMP thread team on the thread that called llama.cpp, and a runtime started after it in the same
+process (its worker thread gets a team of its own) decoded a third slower (39 instead of 56 tokens/s on 2 threads).
 """
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import statistics
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 
 from .machine import cpu_info
 
@@ -35,6 +39,17 @@ def ours_tps(model: str, threads: int, seed: int) -> tuple[float, int]:
         return (stream.usage["completion_tokens"] - 1) / seconds, frame
 
 
+def bare_tps(model: str, threads: int, flash_attn: bool | None, other_cells: int) -> float:
+    from ..runtime.ceiling import bare_generation_tps
+    return bare_generation_tps(model, n_threads=threads, tokens=TOKENS, flash_attn=flash_attn, other_cells=other_cells)
+
+
+def isolated(fn, *args):
+    """fn(*args) in a fresh process (see the module's docstring)."""
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(fn, *args).result()
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m allinone_gguf.measure.single_stream",
                                 description=__doc__.split("\n\n")[0])
@@ -42,18 +57,16 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2, help="CPU threads (default: 2)")
     p.add_argument("--repeats", type=int, default=3, help="runs of each row (default: 3)")
     a = p.parse_args(argv)
-    from ..runtime.ceiling import bare_generation_tps
     rows: dict[str, list[float]] = {}
     frame = 0
     for r in range(a.repeats):
-        tps, frame = ours_tps(a.model, a.threads, seed=r)
+        tps, frame = isolated(ours_tps, a.model, a.threads, r)
         rows.setdefault("ours (AllInOne.stream_reply)", []).append(tps)
         for fa in (None, False):
             for other in (0, frame):
                 name = (f"bare loop, flash attention {'on (auto)' if fa is None else 'off'}"
                         + (f", {other} cells of another sequence" if other else ""))
-                rows.setdefault(name, []).append(bare_generation_tps(a.model, n_threads=a.threads, tokens=TOKENS,
-                                                                     flash_attn=fa, other_cells=other))
+                rows.setdefault(name, []).append(isolated(bare_tps, a.model, a.threads, fa, other))
     base = statistics.median(rows["bare loop, flash attention on (auto)"])
     print(f"{cpu_info()['cpu']}, {a.threads} threads, {time.strftime('%Y-%m-%d')}, {TOKENS} tokens, median of "
           f"{a.repeats}\n\n| generation | tokens/s | vs the bare loop (flash attention on) |\n|---|---|---|")
