@@ -259,10 +259,9 @@ class Scheduler:
             job.fail(Closed("cancelled"))
         for job in [j for j in self._streams if j.later is not None]:
             self._take_label(job)
-        parts, owners, room = [], [], b.n_batch
         generating = [j for j in self._streams if j.sampled and j.pending]
-        for job in generating:
-            room -= len(job.pending)
+        free = b.n_batch - sum(len(j.pending) for j in generating)     # the batch's room beside their next tokens
+        parts, owners, room = [], [], free
         group_job, group = self._next_group(room)
         if group_job is not None:
             try:
@@ -283,8 +282,7 @@ class Scheduler:
             self._decode(parts, owners, group_job, group, group_job.adapter)
             for job in [j for j in self._streams if j.later is not None]:
                 self._take_label(job)
-            parts, owners, group_job, group = [], [], None, None
-            room = b.n_batch - sum(len(j.pending) for j in generating)
+            parts, owners, group_job, group, room = [], [], None, None, free
         for job in generating:
             parts.append((job.slot.seq, job.pending, True))
             owners.append(("reply", job))
