@@ -100,7 +100,7 @@ def runtime_alone(model: Path, threads: int, rounds: int, tokens: int) -> dict:
         "".join(bot.respond("你好", max_tokens=4))                         # warm-up, left out
         for r in range(rounds):
             start = time.perf_counter()
-            with bot.respond(PROMPTS[r % len(PROMPTS)], max_tokens=tokens, temperature=0.7, seed=r) as stream:
+            with bot.respond(PROMPTS[r % len(PROMPTS)], max_tokens=tokens, seed=r) as stream:   # runtime's sampling
                 stream.sentiment()
                 labels.append(time.perf_counter() - start)
                 first = next((time.perf_counter() for piece in stream if piece), None)
