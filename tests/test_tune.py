@@ -331,6 +331,14 @@ def test_tune_end_to_end_writes_an_adapter_the_runtime_uses(tuned):
     assert meta["temperature"] == fit_temperature([m for _, _, m in margins["held"]], [y for _, y, _ in margins["held"]])
     assert len(margins["dev"]["dev.csv"]) == len(TEXTS)
     assert "tune:" in r.stderr and "wrote" in r.stderr          # progress bar and summary on stderr
+    # where the time went, each step's wall seconds, adding up to the run's minutes (printed as well)
+    assert set(meta["phase_seconds"]) == {"inputs", "trainer", "convert", "held_back", "dev"}
+    assert abs(sum(meta["phase_seconds"].values()) / 60 - meta["minutes"]) < 0.1 and "time: " in r.stderr
+    # the held-back texts' accuracy per training file, as the margins kept for them say (and printed)
+    held = margins["held"]
+    right = [(m > 0) == bool(y) for _, y, m in held]
+    assert meta["held_back_accuracy"] == {"train.csv": round(sum(right) / len(right), 4)} and len(held) == 6
+    assert "train.csv: " in r.stderr and "on 6 texts it never trained on" in r.stderr
     with AllInOne(model, n_ctx=1024) as bot:
         s = bot.classify("味道很好")
     assert s.source == "adapter" and abs(sum(s.probs.values()) - 1) < 1e-6

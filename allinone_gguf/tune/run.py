@@ -36,6 +36,9 @@ from .data import build_examples, read_labelled
 from .memory import checkout_shape, estimate_peak_gb, pick_batch
 
 TRAINER = Path(__file__).with_name("train_lora.py")
+PHASES = {"inputs": "texts to token ids", "trainer": "training (start, steps, held-back checks)",
+          "convert": "conversion", "held_back": "held-back texts (temperature)",
+          "dev": "dev files"}
 
 
 class TuneError(RuntimeError):
@@ -135,7 +138,16 @@ def score(bot, rows: list[tuple[int, str]], labels: str) -> dict:
     recall = {name: None if math.isnan(s.recall[c]) else round(s.recall[c], 4)
               for name, c in zip(LABEL_SETS[labels], (POSITIVE, NEGATIVE))}
     return {"n": s.n, "accuracy": round(s.accuracy, 4), "recall": recall,
-            "margins": [f.margin for f in found], "source": found[0].source if found else None}
+            "margins": [f.margin for f in found], "right": [f.is_positive == bool(y) for (y, _), f in zip(rows, found)],
+            "source": found[0].source if found else None}
+
+
+def accuracy_by_file(sources: list[str], right: list[bool]) -> dict[str, float]:
+    """Share right per training file, in the files' order (the held-back texts of each file)."""
+    by = {}
+    for name, r in zip(sources, right):
+        by.setdefault(name, []).append(r)
+    return {name: round(sum(rs) / len(rs), 4) for name, rs in by.items()}
 
 
 def run_trainer(cmd: list[str]) -> int:
@@ -188,6 +200,12 @@ def tune(model: str | Path, data: list[str], *, hf: str | None = None, dev: list
     work.mkdir(parents=True, exist_ok=True)
     threads = threads or max(1, min(4, os.cpu_count() or 1))
     started = time.perf_counter()
+    phases = {}         # wall seconds of each step, in the metadata and the last lines printed
+
+    def lap(name: str, since: float) -> float:
+        now = time.perf_counter()
+        phases[name] = round(now - since, 1)
+        return now
 
     try:
         examples, record = build_examples(files, texts=s.texts, held=s.held, inject_share=s.inject, lang=s.labels,
@@ -212,6 +230,7 @@ def tune(model: str | Path, data: list[str], *, hf: str | None = None, dev: list
         f.write(json.dumps({"prefix": prefix, "label_ids": [list(label_ids[0]), list(label_ids[1])]}) + "\n")
         for e, t in zip(examples, ids):
             f.write(json.dumps({"rest": t[n_prefix:], "label": e.label, "split": e.split}) + "\n")
+    mark = lap("inputs", started)
 
     # 2. training, in the tuning environment, at the largest batch that fits --max-memory
     if s.base_dtype not in ("bf16", "fp32"):
@@ -236,6 +255,7 @@ def tune(model: str | Path, data: list[str], *, hf: str | None = None, dev: list
         cmd.append("--resume")
     log(f"training on {checkout} ({python})")
     rc = run_trainer(cmd)
+    mark = lap("trainer", mark)
     if rc not in (0, 130) or not (peft_dir / "adapter_model.safetensors").is_file():
         raise TuneError(f"training failed (exit status {rc}); its messages are above")
     train_log = json.loads((peft_dir / "train_log.json").read_text(encoding="utf-8"))
@@ -245,6 +265,7 @@ def tune(model: str | Path, data: list[str], *, hf: str | None = None, dev: list
 
     # 3. conversion (torch-free, byte-identical to llama.cpp's converter)
     convert_lora_to_gguf(peft_dir, checkout, out_gguf, "F16")
+    mark = lap("convert", mark)
     meta = {
         "base_weights": weights_identity(model), "base_file": model.name, "base_sha256": file_sha256(model),
         "checkout": str(checkout),
@@ -270,19 +291,27 @@ def tune(model: str | Path, data: list[str], *, hf: str | None = None, dev: list
             found = score(bot, held, s.labels)
             meta["temperature"] = fit_temperature(found["margins"], [y for y, _ in held])
             margins["held"] = [[e.source, e.label, m] for e, m in zip(held_examples, found["margins"])]
+            meta["held_back_accuracy"] = accuracy_by_file([e.source for e in held_examples], found["right"])
             log(f"held-back texts with the adapter: accuracy {found['accuracy']:.3f}; temperature "
                 f"{meta['temperature']}")
+            counts = {e.source: sum(x.source == e.source for x in held_examples) for e in held_examples}
+            for name, acc in meta["held_back_accuracy"].items():
+                log(f"  {name}: {acc:.3f} on {counts[name]} texts it never trained on")
+        mark = lap("held_back", mark)
         for d in dev:
             rows = read_labelled(Path(d))
             found = score(bot, rows, s.labels)
             margins["dev"][Path(d).name] = [[y, m] for (y, _), m in zip(rows, found["margins"])]
-            dev_results[Path(d).name] = {k: v for k, v in found.items() if k != "margins"}
+            dev_results[Path(d).name] = {k: v for k, v in found.items() if k not in ("margins", "right")}
+        lap("dev", mark)
     (work / "margins.json").write_text(json.dumps(margins) + "\n", encoding="utf-8")
     for name, r in dev_results.items():
         log(f"dev {name}: accuracy {r['accuracy']:.3f} with the adapter (recall {r['recall']})")
     meta["dev"] = dev_results
     meta["minutes"] = round((time.perf_counter() - started) / 60, 1)
+    meta["phase_seconds"] = phases
     write_metadata(out_meta, meta)
     log(f"wrote {out_gguf} ({out_gguf.stat().st_size / 1e6:.1f} MB) and {out_meta.name} in {meta['minutes']} min")
+    log("time: " + ", ".join(f"{PHASES[k]} {v / 60:.1f} min" for k, v in phases.items()))
     log(f"peak memory {peak_rss_gb():.2f} GB (ru_maxrss: the trainer or this process, whichever is larger)")
     return meta
