@@ -173,7 +173,7 @@ def table(rows: list[dict]) -> str:
     short = [d.split(".")[0].replace("chnsenticorp_htl_all", "htl").replace("online_shopping_10_cats", "shopping")
              .replace("douban_book_review", "douban").replace("_10k", "").replace("sst2_glue_dev", "sst2") for d in devs]
     head = ("| setting | " + " | ".join(short) + " | min recall | ECE per file, max (floor) | ECE pooled (floor) "
-            "| same, T per language | steps | s/step | minutes | trainer peak GB |")
+            "| same, T per language | steps | s/step | minutes | trainer peak GiB |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         m, t = r["meta"], r["meta"]["training"]

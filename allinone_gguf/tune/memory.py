@@ -16,7 +16,7 @@ import json
 import struct
 from pathlib import Path
 
-GB = 1024 ** 3
+GB = 1024 ** 3               # every GB here, as in --max-memory and the tuner's printout, is a GiB
 RUNTIME_GB = 0.55            # a trainer process with torch + transformers + peft imported and the inputs read
 DTYPE_BYTES = {"bf16": 2, "fp32": 4}
 SAFETENSORS_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
@@ -80,7 +80,7 @@ def pick_batch(shape: dict, max_gb: float, *, batch: int, prefix: int, longest: 
     need = estimate_peak_gb(shape, batch=1, prefix=prefix, longest=longest, base_dtype=base_dtype,
                             checkpointing=checkpointing)
     weights = shape["params"] * DTYPE_BYTES[base_dtype] / GB
-    raise ValueError(f"training needs about {need:.1f} GB even one text at a time ({weights:.1f} GB of {base_dtype} "
-                     f"weights, inputs up to {prefix + longest} tokens); --max-memory is {max_gb:g} GB: raise it, "
+    raise ValueError(f"training needs about {need:.1f} GiB even one text at a time ({weights:.1f} GiB of {base_dtype} "
+                     f"weights, inputs up to {prefix + longest} tokens); --max-memory is {max_gb:g} GiB: raise it, "
                      f"or lower --max-tokens" + ("" if base_dtype == "bf16" else ", or use --base-dtype bf16")
                      + ("" if checkpointing else ", or drop --no-checkpointing"))

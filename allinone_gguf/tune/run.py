@@ -171,7 +171,7 @@ def run_trainer(cmd: list[str]) -> int:
 
 
 def peak_rss_gb() -> float:
-    """The largest resident set of this process and of its finished children (the trainer), in GB."""
+    """The largest resident set of this process and of its finished children (the trainer), in GiB (2**30 bytes)."""
     kb = max(resource.getrusage(who).ru_maxrss for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
     return round(kb / 1024 ** 2, 2)
 
@@ -313,5 +313,5 @@ def tune(model: str | Path, data: list[str], *, hf: str | None = None, dev: list
     write_metadata(out_meta, meta)
     log(f"wrote {out_gguf} ({out_gguf.stat().st_size / 1e6:.1f} MB) and {out_meta.name} in {meta['minutes']} min")
     log("time: " + ", ".join(f"{PHASES[k]} {v / 60:.1f} min" for k, v in phases.items()))
-    log(f"peak memory {peak_rss_gb():.2f} GB (ru_maxrss: the trainer or this process, whichever is larger)")
+    log(f"peak memory {peak_rss_gb():.2f} GiB (ru_maxrss: the trainer or this process, whichever is larger)")
     return meta

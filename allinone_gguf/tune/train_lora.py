@@ -372,7 +372,7 @@ def main(argv=None) -> int:
     write_atomic(out / "train_log.json", lambda f: f.write(text.encode("utf-8")))
     print(f"training: {ran} steps in {(time.perf_counter() - start) / 60:.1f} min"
           + (f" ({log['seconds_per_step']:.2f} s/step)" if ran else "")
-          + f", peak memory {log['peak_rss_mb'] / 1024:.2f} GB (ru_maxrss)"
+          + f", peak memory {log['peak_rss_mb'] / 1024:.2f} GiB (ru_maxrss)"
           + (f"; stopped at step {step}/{total}: --resume continues" if log["interrupted"] else ""),
           file=sys.stderr, flush=True)
     return 130 if log["interrupted"] else 0
