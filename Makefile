@@ -21,10 +21,12 @@ RUN_MODEL ?= $(call model_file,$(word 3,$(APP_DEFAULTS)))
 REF_VENV ?= .venv-ref
 # Optional environment with torch + peft for `make tune` (the sentiment LoRA); the product never imports torch.
 TUNE_VENV ?= .venv-tune
-# make tune: the training files (never the full public corpora) and the dev files it reports on (Chinese ones:
-# the adapter answers 正面/负面). TUNE_ARGS passes more flags (python -m allinone_gguf tune --help).
+# make tune: the training files (never the full public corpora). It reports accuracy on the texts it held back from
+# each; the Chinese dev files (the adapter answers 正面/负面) are scored by make bench-adapter, or by make tune with
+# SCORE_DEV=1 (1,000 texts more to read: minutes). TUNE_ARGS passes more flags (python -m allinone_gguf tune --help).
 TUNE_DATA ?= $(wildcard ../shared/data/sentiment/train/*.train2000.csv)
-TUNE_DEV  ?= $(filter-out %sst2_glue_dev.dev200.csv,$(wildcard ../shared/data/sentiment/*.dev200.csv))
+ZH_DEV    := $(filter-out %sst2_glue_dev.dev200.csv,$(wildcard ../shared/data/sentiment/*.dev200.csv))
+TUNE_DEV  ?= $(if $(filter 1 yes,$(SCORE_DEV)),$(ZH_DEV))
 TUNE_ARGS ?=
 LLAMA_CPP_VERSION := 0.3.36
 # llama-cpp-python builds llama.cpp from source for this CPU (-march=native). On x86-64 we leave out ggml's
@@ -71,7 +73,7 @@ help:
 	@echo "make test                  the whole test suite, after installing what it needs (system packages when root, $(REF_VENV), the stand-in model)"
 	@echo "make bench [MODEL=...]     speed, memory and accuracy of the Q4_K_M and Q8_0 files (or MODEL=\"a.gguf b.gguf\"), then serving figures (1-8 concurrent streams vs bare llama_decode) of the first -> bench/results/"
 	@echo "make bench-baseline        the same plus the seeds' transformers FP32 approach on BASELINE=$(BASELINE) (needs make reference-env)"
-	@echo "make tune                  fine-tune the sentiment LoRA for MODEL (default: the Q4_K_M) on DATA (default: the train/ files)"
+	@echo "make tune                  fine-tune the sentiment LoRA for MODEL (default: the Q4_K_M) on DATA (default: the train/ files); SCORE_DEV=1 also scores the Chinese dev files"
 	@echo "make tune-grid             the adapter's learning curve: tune once per setting (texts, targets, epochs, length) -> bench/results/tune-grid-* (~20 min a row on 2 cores)"
 	@echo "make bench-adapter         the sentiment adapter vs the grammar path on the dev files (accuracy, ECE, flips, latency, RSS)"
 	@echo "make tune-env              optional: $(TUNE_VENV) with torch + peft for make tune (built on first use)"
@@ -200,7 +202,7 @@ tune-grid: setup tune-env
 
 # The adapter beside MODEL (default: the app's model) against the grammar path, on the Chinese dev files.
 bench-adapter: setup
-	$(PYTHON) -m allinone_gguf.measure.bench_adapter "$(TUNE_MODEL)" --data $(or $(DATA),$(TUNE_DEV))
+	$(PYTHON) -m allinone_gguf.measure.bench_adapter "$(TUNE_MODEL)" --data $(or $(DATA),$(ZH_DEV))
 
 # llama.cpp's own binaries, built once into LLAMA_CPP_HOME (outside the repo; the stamp makes a rerun instant).
 .PHONY: llama-server
