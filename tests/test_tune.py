@@ -526,7 +526,7 @@ def test_grid_rows_mean_the_same_whatever_tunes_defaults_become(tmp_path):
 def test_max_memory_picks_the_largest_batch_that_fits(limit, expected):
     sizes = dict(prefix=94, longest=261)
     if expected is None:
-        with pytest.raises(ValueError, match=r"even one text at a time.*--max-memory is 1.8 GB"):
+        with pytest.raises(ValueError, match=r"even one text at a time.*--max-memory is 1.8 GiB"):
             pick_batch(SHAPE_05B, limit, batch=8, **sizes)
         return
     assert pick_batch(SHAPE_05B, limit, batch=8, **sizes) == expected
@@ -543,7 +543,7 @@ def test_tune_says_in_one_line_when_the_training_cannot_fit(model, tiny_checkout
                         str(tiny_checkout), "--held", "2", "--max-memory", "0.2", "--work", str(tmp_path / "w")],
                        capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
-    assert "even one text at a time" in r.stderr and "--max-memory is 0.2 GB" in r.stderr
+    assert "even one text at a time" in r.stderr and "--max-memory is 0.2 GiB" in r.stderr
 
 
 def test_tune_passes_sigterm_on_converts_the_best_so_far_and_resumes(model, tiny_checkout, tmp_path):
