@@ -36,8 +36,8 @@ class TuneSettings:
         "help": "gradient checkpointing: keep each layer's input only and recompute the layer in the backward "
                 "pass (far less memory, a little more time)"})
     max_memory: float | None = field(default=None, metadata={
-        "help": "GiB (2**30 bytes) the training may use: the batch is lowered until the estimate fits (an error if not even one "
-                "text at a time fits)"})
+        "help": "GiB (2**30 bytes) the training may use: the batch is lowered until the estimate fits (an error if "
+                "not even one text at a time fits)"})
     resume: bool = field(default=False, metadata={
         "help": "continue an interrupted run from the last checkpoint in --work (same data and settings): it "
                 "ends with the adapter the uninterrupted run would have written"})

@@ -22,6 +22,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 from convert.defaults import MANIFEST
@@ -294,7 +295,7 @@ def tune(model: str | Path, data: list[str], *, hf: str | None = None, dev: list
             meta["held_back_accuracy"] = accuracy_by_file([e.source for e in held_examples], found["right"])
             log(f"held-back texts with the adapter: accuracy {found['accuracy']:.3f}; temperature "
                 f"{meta['temperature']}")
-            counts = {e.source: sum(x.source == e.source for x in held_examples) for e in held_examples}
+            counts = Counter(e.source for e in held_examples)
             for name, acc in meta["held_back_accuracy"].items():
                 log(f"  {name}: {acc:.3f} on {counts[name]} texts it never trained on")
         mark = lap("held_back", mark)
