@@ -29,6 +29,10 @@ class TuneSettings:
     max_tokens: int | None = field(default=64, metadata={
         "help": "text tokens per training input, head and tail kept as the runtime cuts them (0: the runtime's "
                 "sentiment_tokens)"})
+    pad_to: int = field(default=8, metadata={
+        "help": "pad each training batch to a multiple of this many tokens (1: to its longest text): a few tensor "
+                "shapes instead of one per length, so the heap fragments less (a whole run on the stand-in: peak "
+                "2.28 GiB instead of 2.97, a step about 1.07× as long; docs/adapter.md)"})
     base_dtype: str = field(default="bf16", metadata={
         "help": "precision the frozen base weights are kept in while training: bf16 or fp32 (the LoRA and its "
                 "optimizer stay fp32)"})

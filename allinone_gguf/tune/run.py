@@ -237,7 +237,10 @@ def tune(model: str | Path, data: list[str], *, hf: str | None = None, dev: list
     if s.base_dtype not in ("bf16", "fp32"):
         raise TuneError(f"base_dtype must be bf16 or fp32, not {s.base_dtype}")
     shape = checkout_shape(checkout)
-    sizes = dict(prefix=n_prefix, longest=max(len(t) for t in ids) - n_prefix, base_dtype=s.base_dtype,
+    if s.pad_to < 1:
+        raise TuneError(f"pad_to must be 1 or more, not {s.pad_to}")
+    longest = -(-(max(len(t) for t in ids) - n_prefix) // s.pad_to) * s.pad_to     # as the trainer pads
+    sizes = dict(prefix=n_prefix, longest=longest, base_dtype=s.base_dtype,
                  checkpointing=s.checkpointing)
     batch = s.batch
     if s.max_memory:
@@ -251,7 +254,8 @@ def tune(model: str | Path, data: list[str], *, hf: str | None = None, dev: list
     cmd = [str(python), str(TRAINER), "--checkout", str(checkout), "--inputs", str(inputs), "--out", str(peft_dir),
            "--rank", str(s.rank), "--alpha", str(s.alpha), "--targets", s.targets, "--epochs", str(s.epochs),
            "--lr", str(s.lr), "--batch", str(batch), "--seed", str(s.seed), "--threads", str(threads),
-           "--base-dtype", s.base_dtype, "--checkpointing" if s.checkpointing else "--no-checkpointing"]
+           "--pad-to", str(s.pad_to), "--base-dtype", s.base_dtype,
+           "--checkpointing" if s.checkpointing else "--no-checkpointing"]
     if s.resume:
         cmd.append("--resume")
     log(f"training on {checkout} ({python})")

@@ -55,8 +55,8 @@ class Scorer:
     """Margins log P(pos) - log P(neg) for texts that share one prefix, on a (PEFT-wrapped) causal LM."""
 
     def __init__(self, model, prefix: list[int], label_ids: list[list[int]], bf16: bool = False,
-                 checkpointing: bool = False):
-        self.model, self.prefix, self.bf16 = model, prefix, bf16
+                 checkpointing: bool = False, pad_to: int = 1):
+        self.model, self.prefix, self.bf16, self.pad_to = model, prefix, bf16, pad_to
         inner = model.get_base_model() if hasattr(model, "get_base_model") else model
         self.body, self.head = inner.model, inner.lm_head
         self.pos, self.neg = (torch.tensor(ids) for ids in label_ids)
@@ -86,6 +86,7 @@ class Scorer:
 
     def _shared(self, rests: list[list[int]]) -> torch.Tensor:
         n, longest = len(rests), max(len(r) for r in rests)
+        longest = -(-longest // self.pad_to) * self.pad_to     # a few shapes, not one per length: see --pad-to
         out = self.body(input_ids=torch.tensor([self.prefix]), use_cache=True)
         cache = out.past_key_values
         for layer in cache.layers:
@@ -188,7 +189,7 @@ def fingerprint(a, bf16: bool) -> dict:
     return {"inputs_sha256": digest, "checkout": str(Path(a.checkout).resolve()), "rank": a.rank,
             "alpha": a.alpha, "targets": a.targets, "epochs": a.epochs, "lr": a.lr, "batch": a.batch,
             "evals": a.evals, "seed": a.seed, "base_dtype": a.base_dtype, "checkpointing": a.checkpointing,
-            "autocast_bf16": bf16, "longest_first": a.longest_first}
+            "autocast_bf16": bf16, "longest_first": a.longest_first, "pad_to": a.pad_to}
 
 
 def checkout_config(checkout: str):
@@ -240,6 +241,10 @@ def main(argv=None) -> int:
                    help="precision of the frozen base weights (the LoRA and AdamW stay fp32)")
     p.add_argument("--checkpointing", action=argparse.BooleanOptionalAction, default=True,
                    help="gradient checkpointing: recompute each decoder layer in the backward pass")
+    p.add_argument("--pad-to", type=int, default=1, metavar="TOKENS",
+                   help="pad each batch's texts to a multiple of this many tokens (1: to the batch's longest; "
+                        "tune passes its own default). Padding after the last token changes no margin; fewer "
+                        "distinct shapes fragment the heap less")
     p.add_argument("--resume", action="store_true", help="continue from checkpoint.pt in --out")
     p.add_argument("--stop-after", type=int, metavar="STEPS",
                    help="measurement: stop after this many steps, as if interrupted")
@@ -263,7 +268,9 @@ def main(argv=None) -> int:
     config = LoraConfig(r=a.rank, lora_alpha=a.alpha, lora_dropout=0.0, target_modules=a.targets.split(","),
                         task_type="CAUSAL_LM")
     model = get_peft_model(model, config)        # the LoRA's weights in fp32 (autocast_adapter_dtype)
-    scorer = Scorer(model, head["prefix"], head["label_ids"], bf16, a.checkpointing)
+    if a.pad_to < 1:
+        p.error("--pad-to must be 1 or more")
+    scorer = Scorer(model, head["prefix"], head["label_ids"], bf16, a.checkpointing, a.pad_to)
 
     if a.self_check:
         return self_check(model, scorer, rows)
@@ -289,7 +296,7 @@ def main(argv=None) -> int:
     mark = fingerprint(a, bf16)
     log = {"train_texts": len(train), "held_texts": len(held), "steps_planned": total, "evals": [],
            "precision": "bf16" if bf16 else "fp32", "base_dtype": a.base_dtype, "checkpointing": a.checkpointing,
-           "batch": a.batch, "interrupted": False}
+           "batch": a.batch, "pad_to": a.pad_to, "interrupted": False}
     best, first, spent, running = None, 0, 0.0, None
     if a.resume and checkpoint.is_file():
         state = torch.load(checkpoint, weights_only=True)
