@@ -255,6 +255,8 @@ def main(argv=None) -> int:
                    help="compare the shared-prefix margins and gradients with whole-text ones on a few texts "
                         "and exit")
     a = p.parse_args(argv)
+    if a.pad_to < 1:
+        p.error("--pad-to must be 1 or more")
 
     bf16 = a.precision == "bf16" or (a.precision == "auto" and cpu_has_bf16())
     torch.manual_seed(a.seed)
@@ -268,8 +270,6 @@ def main(argv=None) -> int:
     config = LoraConfig(r=a.rank, lora_alpha=a.alpha, lora_dropout=0.0, target_modules=a.targets.split(","),
                         task_type="CAUSAL_LM")
     model = get_peft_model(model, config)        # the LoRA's weights in fp32 (autocast_adapter_dtype)
-    if a.pad_to < 1:
-        p.error("--pad-to must be 1 or more")
     scorer = Scorer(model, head["prefix"], head["label_ids"], bf16, a.checkpointing, a.pad_to)
 
     if a.self_check:
