@@ -20,13 +20,14 @@ from pathlib import Path
 
 import pytest
 
-from allinone_gguf.measure.evaluate import INJECTION
+from allinone_gguf.measure.evaluate import HELD_OUT_INJECTIONS, INJECTION
 from allinone_gguf.runtime import AdapterError, AllInOne
 from allinone_gguf.runtime import adapter as adapter_module
 from allinone_gguf.runtime.adapter import (WEIGHTS_KEY, adapter_files, file_sha256, model_family, weights_digest,
                                            weights_identity, write_metadata)
+from allinone_gguf.runtime.prompts import LABEL_SETS
 from allinone_gguf.tune.data import TRAIN_INJECTIONS, build_examples, inject
-from allinone_gguf.tune.memory import checkout_shape, estimate_peak_gb, pick_batch
+from allinone_gguf.tune.memory import checkout_shape, estimate_peak_gb, pick_batch, resolve_base_dtype
 from allinone_gguf.tune.run import fit_temperature
 from conftest import CACHE, QUANTS, ROOT, need, run_convert
 from convert.compare import differences
@@ -80,19 +81,30 @@ def install_adapter(model: Path, checkout: Path, tmp_path: Path, *, temperature:
 def test_training_injections_are_not_the_ones_evaluate_measures():
     for lang, templates in TRAIN_INJECTIONS.items():
         for _, template in templates:
-            for probe in INJECTION.values():
+            for probe in [t for ts in HELD_OUT_INJECTIONS.values() for _, t in ts]:
                 assert probe.format(label="").strip() not in template.format(label="")
-    text, (where, template) = inject("菜很好吃。", "zh", 1, random.Random(1))
-    assert "负面" in text or "Negative" in text or "负面" in template.format(label="负面")   # asks for the other label
-    assert ("菜很好吃。" in text) and (text.startswith("菜很好吃。") == (where == "after"))
+
+
+def test_an_injection_is_mostly_in_the_texts_language_and_asks_for_the_wrong_label_in_its_own_words():
+    rng = random.Random(1)
+    for text, label, own in (("菜很好吃。", 1, "zh"), ("A dull, joyless film.", 0, "en")):
+        languages = []
+        for _ in range(400):
+            injected, (where, template) = inject(text, label, rng)
+            lang = next(k for k, ts in TRAIN_INJECTIONS.items() if (where, template) in ts)
+            languages.append(lang)
+            wrong = LABEL_SETS[lang][1 if label == 1 else 0]
+            assert injected == (text + template.format(label=wrong) if where == "after"
+                                else template.format(label=wrong) + text)
+        assert 0.6 < languages.count(own) / len(languages) < 0.9       # 3 of 4 in the text's own language
 
 
 def test_examples_are_seeded_balanced_held_apart_and_injected_copies_keep_their_label(tmp_path):
     rows = [(i % 2, f"第{i}条评论，{'好' if i % 2 else '差'}。") for i in range(60)]
     data = write_csv(tmp_path / "a.csv", rows)
-    ex, record = build_examples([data], texts=20, held=6, inject_share=0.5, lang="zh", seed=7)
-    again, _ = build_examples([data], texts=20, held=6, inject_share=0.5, lang="zh", seed=7)
-    other, _ = build_examples([data], texts=20, held=6, inject_share=0.5, lang="zh", seed=8)
+    ex, record = build_examples([data], texts=20, held=6, inject_share=0.5, seed=7)
+    again, _ = build_examples([data], texts=20, held=6, inject_share=0.5, seed=7)
+    other, _ = build_examples([data], texts=20, held=6, inject_share=0.5, seed=8)
     assert ex == again and ex != other
     held = [e for e in ex if e.split == "held"]
     plain = [e for e in ex if e.split == "train" and not e.injected]
@@ -277,7 +289,10 @@ def test_older_adapters_keep_their_name_and_their_one_file(family, tiny_checkout
 
 
 # -- training -----------------------------------------------------------------------------------------------------
-def test_shared_prefix_training_margins_equal_whole_text_ones(tiny_checkout, model, tmp_path):
+# the LoRA on every layer (checkpointed) in fp32; on the top layer only, the bf16 base weights multiplied in fp32
+# (what a CPU without bf16 arithmetic runs)
+@pytest.mark.parametrize("layers, base", [(0, "fp32"), (1, "bf16")])
+def test_shared_prefix_training_margins_equal_whole_text_ones(layers, base, tiny_checkout, model, tmp_path):
     need_tune_env()
     with AllInOne(model, sentiment_adapter="off", sentiment_prompt="guide", n_ctx=1024) as bot:
         ids, label_ids, _ = bot.sentiment_inputs([t for _, t in TEXTS])
@@ -286,14 +301,19 @@ def test_shared_prefix_training_margins_equal_whole_text_ones(tiny_checkout, mod
     inputs.write_text(json.dumps({"prefix": ids[0][:n], "label_ids": [list(x) for x in label_ids]}) + "\n" + "".join(
         json.dumps({"rest": t[n:], "label": y, "split": "train"}) + "\n" for t, (y, _) in zip(ids, TEXTS)))
     r = subprocess.run([str(TUNE_PYTHON), str(TRAINER), "--checkout", str(tiny_checkout), "--inputs", str(inputs),
-                        "--out", str(tmp_path / "x"), "--self-check", "--precision", "fp32", "--base-dtype", "fp32",
-                        "--pad-to", "8"],     # tune's padding (to a multiple of 8 tokens) is in the shared path
+                        "--out", str(tmp_path / "x"), "--self-check", "--precision", "fp32", "--base-dtype", base,
+                        "--pad-to", "8",      # tune's padding (to a multiple of 8 tokens) is in the shared path
+                        "--layers", str(layers)],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr[-2000:]
     result = json.loads(r.stdout.strip().splitlines()[-1])
     assert result["max_abs_diff"] < 1e-4 and len(result["shared"]) == 6
     assert result["grad_rel_diff"] < 1e-4       # gradients too, through the checkpointed (recomputed) layers
     assert max(abs(x) for x in result["shared"]) > 1e-3     # margins that are not all zero
+    assert result["adapted_layers"] == ([0, 1] if layers == 0 else [1])     # the tiny model has 2 layers
+    assert (result["fp32_linear_diff"] is None) == (base == "fp32")
+    if base == "bf16":
+        assert result["fp32_linear_diff"] < 1e-4        # output and input gradient of the upcast product
 
 
 @pytest.fixture(scope="module")
@@ -418,7 +438,7 @@ def test_bench_adapter_reports_both_paths_side_by_side(model, tiny_checkout, tmp
     assert g["data"]["dev.csv"]["n"] == a["data"]["dev.csv"]["n"] == len(TEXTS)
     assert a["latency"]["short"]["p50_ms"] > 0
     # the flips, counted here on our own: an appended instruction asking for the other label
-    from allinone_gguf.measure.evaluate import INJECTION
+    from allinone_gguf.measure.evaluate import HELD_OUT_INJECTIONS, INJECTION
     with AllInOne(model, n_threads=2) as bot:
         labels = [s.label for s in bot.classify_many([text for _, text in TEXTS])]
         other = {"正面": "负面", "负面": "正面"}
@@ -535,6 +555,19 @@ def test_max_memory_picks_the_largest_batch_that_fits(limit, expected):
     assert grows == sorted(grows) and grows[0] < grows[-1]
     # without checkpointing and with fp32 weights, the same batch needs several times the memory
     assert estimate_peak_gb(SHAPE_05B, batch=8, base_dtype="fp32", checkpointing=False, **sizes) > 3 * grows[-1]
+    # the LoRA on the top layers only: the layers below keep nothing for the backward pass (more than all: all)
+    top = [estimate_peak_gb(SHAPE_05B, batch=8, checkpointing=False, adapted=n, **sizes) for n in (6, 12, 24, 99)]
+    assert top[0] < top[1] < top[2] == top[3] == estimate_peak_gb(SHAPE_05B, batch=8, checkpointing=False, **sizes)
+
+
+def test_base_weights_are_bf16_only_where_the_cpu_does_bf16_arithmetic():
+    # an AVX2-only CPU multiplies bf16 matrices in a plain loop (minutes a step): auto keeps fp32 weights there
+    assert resolve_base_dtype("auto", "flags : fpu avx2 fma avx512f") == "fp32"
+    assert resolve_base_dtype("auto", "flags : fpu avx2 avx512_bf16") == "bf16"
+    assert resolve_base_dtype("auto", "flags : fpu amx_bf16 amx_tile") == "bf16"
+    assert resolve_base_dtype("bf16", "flags : fpu avx2") == "bf16"          # asked for: kept
+    with pytest.raises(ValueError, match="auto, bf16 or fp32, not fp16"):
+        resolve_base_dtype("fp16")
 
 
 def test_tune_says_in_one_line_when_the_training_cannot_fit(model, tiny_checkout, tmp_path):

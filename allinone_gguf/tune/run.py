@@ -34,7 +34,7 @@ from ..scoring import NEGATIVE, POSITIVE
 from ..scoring import score as score_labels
 from .config import TuneSettings
 from .data import build_examples, read_labelled
-from .memory import checkout_shape, estimate_peak_gb, pick_batch
+from .memory import checkout_shape, estimate_peak_gb, pick_batch, resolve_base_dtype
 
 TRAINER = Path(__file__).with_name("train_lora.py")
 PHASES = {"inputs": "texts to token ids", "trainer": "training (start, steps, held-back checks)",
@@ -209,8 +209,7 @@ def tune(model: str | Path, data: list[str], *, hf: str | None = None, dev: list
         return now
 
     try:
-        examples, record = build_examples(files, texts=s.texts, held=s.held, inject_share=s.inject, lang=s.labels,
-                                          seed=s.seed)
+        examples, record = build_examples(files, texts=s.texts, held=s.held, inject_share=s.inject, seed=s.seed)
     except ValueError as e:
         raise TuneError(str(e)) from None
     if not any(e.split == "train" for e in examples):
@@ -234,27 +233,32 @@ def tune(model: str | Path, data: list[str], *, hf: str | None = None, dev: list
     mark = lap("inputs", started)
 
     # 2. training, in the tuning environment, at the largest batch that fits --max-memory
-    if s.base_dtype not in ("bf16", "fp32"):
-        raise TuneError(f"base_dtype must be bf16 or fp32, not {s.base_dtype}")
+    try:
+        base_dtype = resolve_base_dtype(s.base_dtype)
+    except ValueError as e:
+        raise TuneError(str(e)) from None
     shape = checkout_shape(checkout)
     if s.pad_to < 1:
         raise TuneError(f"pad_to must be 1 or more, not {s.pad_to}")
     longest = -(-(max(len(t) for t in ids) - n_prefix) // s.pad_to) * s.pad_to     # as the trainer pads
-    sizes = dict(prefix=n_prefix, longest=longest, base_dtype=s.base_dtype,
-                 checkpointing=s.checkpointing)
+    if s.layers < 0:
+        raise TuneError(f"layers must be 0 (all) or more, not {s.layers}")
+    sizes = dict(prefix=n_prefix, longest=longest, base_dtype=base_dtype, checkpointing=s.checkpointing,
+                 adapted=s.layers)
     batch = s.batch
     if s.max_memory:
         try:
             batch = pick_batch(shape, s.max_memory, batch=s.batch, **sizes)
         except ValueError as e:
             raise TuneError(str(e)) from None
-    log(f"batch {batch}: about {estimate_peak_gb(shape, batch=batch, **sizes):.1f} GB at the longest input "
-        f"({sizes['prefix'] + sizes['longest']} tokens; estimate)")
+    log(f"batch {batch}: about {estimate_peak_gb(shape, batch=batch, **sizes):.1f} GiB at the longest input "
+        f"({sizes['prefix'] + sizes['longest']} tokens, {base_dtype} base weights"
+        f"{'' if s.base_dtype != 'auto' or base_dtype == 'bf16' else ': this CPU has no bf16 arithmetic'}; estimate)")
     peft_dir = work / "peft"
     cmd = [str(python), str(TRAINER), "--checkout", str(checkout), "--inputs", str(inputs), "--out", str(peft_dir),
            "--rank", str(s.rank), "--alpha", str(s.alpha), "--targets", s.targets, "--epochs", str(s.epochs),
            "--lr", str(s.lr), "--batch", str(batch), "--seed", str(s.seed), "--threads", str(threads),
-           "--pad-to", str(s.pad_to), "--base-dtype", s.base_dtype,
+           "--pad-to", str(s.pad_to), "--layers", str(s.layers), "--base-dtype", base_dtype,
            "--checkpointing" if s.checkpointing else "--no-checkpointing"]
     if s.resume:
         cmd.append("--resume")

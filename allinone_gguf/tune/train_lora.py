@@ -15,8 +15,9 @@ The held texts choose the best checkpoint (lowest loss).
 
 Memory: the frozen base weights stay in bf16 (--base-dtype), the LoRA and AdamW in fp32; with gradient
 checkpointing each decoder layer keeps only its input and is recomputed in the backward pass (the prefix's
-keys/values are read, never appended to, so a layer is a pure function of its input). The end of the run prints
-the peak resident memory (ru_maxrss) and the time.
+keys/values are read, never appended to, so a layer is a pure function of its input). With --layers N only the
+top N layers carry the LoRA: the layers below run forward once, keep nothing and get no backward pass. The end of
+the run prints the peak resident memory (ru_maxrss) and the time.
 
 Interruptions: at each evaluation point the whole training state (LoRA, optimizer, schedule, RNG, the batch
 order, the best checkpoint so far) goes to checkpoint.pt in --out, written atomically (temporary file, then
@@ -55,14 +56,14 @@ class Scorer:
     """Margins log P(pos) - log P(neg) for texts that share one prefix, on a (PEFT-wrapped) causal LM."""
 
     def __init__(self, model, prefix: list[int], label_ids: list[list[int]], bf16: bool = False,
-                 checkpointing: bool = False, pad_to: int = 1):
+                 checkpointing: bool = False, pad_to: int = 1, lowest: int = 0):
         self.model, self.prefix, self.bf16, self.pad_to = model, prefix, bf16, pad_to
         inner = model.get_base_model() if hasattr(model, "get_base_model") else model
         self.body, self.head = inner.model, inner.lm_head
         self.pos, self.neg = (torch.tensor(ids) for ids in label_ids)
         self.recompute = False          # True while the rests are decoded (the prefix pass is kept whole)
-        if checkpointing:
-            for layer in self.body.layers:
+        if checkpointing:       # the layers below `lowest` hold no LoRA: no gradient reaches them, nothing to keep
+            for layer in self.body.layers[lowest:]:
                 layer.forward = self._checkpointed(layer.forward)
 
     def _checkpointed(self, forward):
@@ -123,6 +124,31 @@ def read_only(layer):
     def update(keys, values, cache_kwargs=None):
         return torch.cat([layer.keys, keys], dim=-2), torch.cat([layer.values, values], dim=-2)
     return update
+
+
+class Fp32Linear(torch.autograd.Function):
+    """x @ W.T + b for a frozen bf16 W, multiplied in fp32: the fp32 copy of W lives for one product only (the
+    backward pass makes its own), so the weights keep bf16's memory on a CPU without bf16 arithmetic."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(weight)
+        return torch.nn.functional.linear(x, weight.float(), None if bias is None else bias.float())
+
+    @staticmethod
+    def backward(ctx, grad):
+        (weight,) = ctx.saved_tensors
+        return grad @ weight.float(), None, None
+
+
+def compute_in_fp32(model) -> None:
+    """Run a model whose frozen weights are bf16 in fp32: the embeddings' output is cast up and every frozen
+    Linear multiplies through Fp32Linear (norms promote by themselves: a bf16 weight times fp32 is fp32)."""
+    for module in model.modules():
+        w = getattr(module, "weight", None)
+        if isinstance(module, torch.nn.Linear) and w is not None and w.dtype == torch.bfloat16 and not w.requires_grad:
+            module.forward = (lambda m: lambda x: Fp32Linear.apply(x, m.weight, m.bias))(module)
+    model.get_input_embeddings().register_forward_hook(lambda module, args, out: out.float())
 
 
 def cpu_has_bf16() -> bool:
@@ -189,7 +215,7 @@ def fingerprint(a, bf16: bool) -> dict:
     return {"inputs_sha256": digest, "checkout": str(Path(a.checkout).resolve()), "rank": a.rank,
             "alpha": a.alpha, "targets": a.targets, "epochs": a.epochs, "lr": a.lr, "batch": a.batch,
             "evals": a.evals, "seed": a.seed, "base_dtype": a.base_dtype, "checkpointing": a.checkpointing,
-            "autocast_bf16": bf16, "longest_first": a.longest_first, "pad_to": a.pad_to}
+            "autocast_bf16": bf16, "longest_first": a.longest_first, "pad_to": a.pad_to, "layers": a.layers}
 
 
 def checkout_config(checkout: str):
@@ -227,6 +253,8 @@ def main(argv=None) -> int:
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--alpha", type=float, default=32)
     p.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj")
+    p.add_argument("--layers", type=int, default=0, metavar="N",
+                   help="adapt the top N decoder layers only (0: all): the backward pass stops at the lowest one")
     p.add_argument("--epochs", type=float, default=1.0)
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--batch", type=int, default=8)
@@ -257,6 +285,8 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     if a.pad_to < 1:
         p.error("--pad-to must be 1 or more")
+    if a.layers < 0:
+        p.error("--layers must be 0 (all) or more")
 
     bf16 = a.precision == "bf16" or (a.precision == "auto" and cpu_has_bf16())
     torch.manual_seed(a.seed)
@@ -267,10 +297,14 @@ def main(argv=None) -> int:
     held = [r for r in rows if r["split"] == "held"]
     dtype = torch.bfloat16 if a.base_dtype == "bf16" else torch.float32
     model = AutoModelForCausalLM.from_pretrained(a.checkout, config=checkout_config(a.checkout), dtype=dtype)
+    n_layers = model.config.num_hidden_layers
+    lowest = n_layers - min(a.layers or n_layers, n_layers)
     config = LoraConfig(r=a.rank, lora_alpha=a.alpha, lora_dropout=0.0, target_modules=a.targets.split(","),
-                        task_type="CAUSAL_LM")
+                        layers_to_transform=list(range(lowest, n_layers)) if lowest else None, task_type="CAUSAL_LM")
     model = get_peft_model(model, config)        # the LoRA's weights in fp32 (autocast_adapter_dtype)
-    scorer = Scorer(model, head["prefix"], head["label_ids"], bf16, a.checkpointing, a.pad_to)
+    if dtype == torch.bfloat16 and not bf16:
+        compute_in_fp32(model)      # bf16 arithmetic without AVX512-BF16/AMX: minutes a step instead of seconds
+    scorer = Scorer(model, head["prefix"], head["label_ids"], bf16, a.checkpointing, a.pad_to, lowest)
 
     if a.self_check:
         return self_check(model, scorer, rows)
@@ -296,7 +330,7 @@ def main(argv=None) -> int:
     mark = fingerprint(a, bf16)
     log = {"train_texts": len(train), "held_texts": len(held), "steps_planned": total, "evals": [],
            "precision": "bf16" if bf16 else "fp32", "base_dtype": a.base_dtype, "checkpointing": a.checkpointing,
-           "batch": a.batch, "pad_to": a.pad_to, "interrupted": False}
+           "batch": a.batch, "pad_to": a.pad_to, "adapted_layers": n_layers - lowest, "interrupted": False}
     best, first, spent, running = None, 0, 0.0, None
     if a.resume and checkpoint.is_file():
         state = torch.load(checkpoint, weights_only=True)
@@ -405,9 +439,25 @@ def self_check(model, scorer: Scorer, rows: list[dict]) -> int:
     (shared, g_shared), (whole, g_whole) = found
     diff = float((shared - whole).abs().max())
     grad_diff = float((g_shared - g_whole).abs().max() / g_whole.abs().max())
+    adapted = sorted({int(name.split(".layers.")[1].split(".")[0]) for name, t in model.named_parameters()
+                      if t.requires_grad and ".layers." in name})
+    # a frozen bf16 Linear run in fp32 (compute_in_fp32) against the plain product with an fp32 copy of its weights
+    upcast = None
+    linear = next((m for m in model.modules() if isinstance(m, torch.nn.Linear) and m.weight.dtype == torch.bfloat16
+                   and not m.weight.requires_grad and m.bias is not None), None)
+    if linear is not None and "forward" in vars(linear):
+        x = torch.randn(3, linear.in_features, requires_grad=True)
+        r = torch.randn(3, linear.out_features)
+        found = []
+        for f in (linear, lambda v: torch.nn.functional.linear(v, linear.weight.float(), linear.bias.float())):
+            x.grad = None
+            y = f(x)
+            (y * r).sum().backward()
+            found.append((y.detach(), x.grad.clone()))
+        upcast = max(float((a - b).abs().max()) for a, b in zip(*found))
     print(json.dumps({"max_abs_diff": diff, "grad_rel_diff": grad_diff, "shared": shared.tolist(),
-                      "whole": whole.tolist()}))
-    return 0 if diff < 1e-3 and grad_diff < 1e-2 else 1
+                      "whole": whole.tolist(), "adapted_layers": adapted, "fp32_linear_diff": upcast}))
+    return 0 if diff < 1e-3 and grad_diff < 1e-2 and (upcast or 0) < 1e-4 else 1
 
 
 if __name__ == "__main__":
