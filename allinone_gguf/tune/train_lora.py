@@ -141,13 +141,17 @@ class Fp32Linear(torch.autograd.Function):
         return grad @ weight.float(), None, None
 
 
+def frozen_bf16_linears(model) -> list:
+    """The model's Linear modules whose weights are bf16 and not trained: the ones compute_in_fp32 reroutes."""
+    return [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m.weight.dtype == torch.bfloat16
+            and not m.weight.requires_grad]
+
+
 def compute_in_fp32(model) -> None:
     """Run a model whose frozen weights are bf16 in fp32: the embeddings' output is cast up and every frozen
     Linear multiplies through Fp32Linear (norms promote by themselves: a bf16 weight times fp32 is fp32)."""
-    for module in model.modules():
-        w = getattr(module, "weight", None)
-        if isinstance(module, torch.nn.Linear) and w is not None and w.dtype == torch.bfloat16 and not w.requires_grad:
-            module.forward = (lambda m: lambda x: Fp32Linear.apply(x, m.weight, m.bias))(module)
+    for module in frozen_bf16_linears(model):
+        module.forward = (lambda m: lambda x: Fp32Linear.apply(x, m.weight, m.bias))(module)
     model.get_input_embeddings().register_forward_hook(lambda module, args, out: out.float())
 
 
@@ -443,8 +447,7 @@ def self_check(model, scorer: Scorer, rows: list[dict]) -> int:
                       if t.requires_grad and ".layers." in name})
     # a frozen bf16 Linear run in fp32 (compute_in_fp32) against the plain product with an fp32 copy of its weights
     upcast = None
-    linear = next((m for m in model.modules() if isinstance(m, torch.nn.Linear) and m.weight.dtype == torch.bfloat16
-                   and not m.weight.requires_grad and m.bias is not None), None)
+    linear = next((m for m in frozen_bf16_linears(model) if m.bias is not None), None)
     if linear is not None and "forward" in vars(linear):
         x = torch.randn(3, linear.in_features, requires_grad=True)
         r = torch.randn(3, linear.out_features)
