@@ -101,15 +101,17 @@ SENTIMENT_CUE: dict[str, tuple[str, str]] = {     # (after a positive text, afte
 }
 # While the wellbeing watch's alert holds for a conversation (allinone_gguf/wellbeing.py: several strongly negative
 # messages lately), the reply's prompt gets one more system turn, right before the newest user message, asking it to
-# check in gently (主动关怀). It names no label, score or detector. On the stand-in (8 negative messages, seeds 1-4,
-# 64 tokens; `pytest tests/test_wellbeing_app.py -m slow`) 7 of 32 replies asked after the person (1 of 32 without)
-# and none repeated the instruction. Worded in the user's voice after the cue instead, more replies asked (10 of 16,
-# seeds 1-2), but 4 of 16 repeated the hidden note to the user and 2 of 16 answered as if they were the one asked; a
-# more detailed instruction was repeated in 6 of 32 (a one-off comparison, 2026-12-01, not kept as a test).
+# check in gently (主动关怀). It names no label, score or detector. On the stand-in (8 negative messages, 64 tokens,
+# 2-core AVX2 EPYC, 2026-12-02) `pytest tests/test_wellbeing_app.py -m slow` counted 15 of 32 replies (seeds 1-4)
+# that asked after the person, 2 of 32 without, none that repeated the note; beside other wordings in one process
+# (which changes the cached prefixes, hence the samples) 11 of 32 with seeds 1-4, 10 of 32 with seeds 5-8. The
+# earlier wording, which also asked the reply to "say you are willing to listen and keep them company", asked in 7 of
+# 32 (1 without) on an AVX-512 machine but in 2 and 8 of 32 on the AVX2 one, where 2 replies parroted that clause to
+# the user; a question asked for at the end of the reply is what the model does reliably.
 CARE_SYSTEM: dict[str, str] = {
-    "zh": "这位用户最近一段时间一直过得不太好。请在回应里主动、温和地问问对方最近怎么样，并表示你愿意倾听和陪伴。",
-    "en": "This person has been having a hard time lately. In your reply, gently ask how they have been doing, and "
-          "let them know you are here to listen and keep them company.",
+    "zh": "这位用户最近一段时间一直过得不太好。请在回应的最后，用一个温和的问句问问对方最近怎么样。",
+    "en": "This person has been having a hard time lately. At the end of your reply, gently ask how they have been "
+          "doing.",
 }
 
 # Shown between the head and the tail of a text that is too long for its budget.
