@@ -40,6 +40,15 @@ def cpu_has_bf16(cpuinfo: str | None = None) -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+def padded_length(tokens: int, pad_to: int) -> int:
+    """A batch's input length as the trainer pads it (--pad-to): rounded up to a multiple of pad_to.
+
+        >>> padded_length(261, 8), padded_length(256, 8), padded_length(5, 1)
+        (264, 256, 5)
+    """
+    return -(-tokens // pad_to) * pad_to
+
+
 def resolve_base_dtype(base_dtype: str, cpuinfo: str | None = None) -> str:
     """"bf16" or "fp32" for a `tune --base-dtype` (auto: bf16 where the CPU has bf16 arithmetic, else fp32);
     ValueError for anything else."""

@@ -34,7 +34,7 @@ from ..scoring import NEGATIVE, POSITIVE
 from ..scoring import score as score_labels
 from .config import TuneSettings
 from .data import build_examples, read_labelled
-from .memory import checkout_shape, estimate_peak_gb, pick_batch, resolve_base_dtype
+from .memory import checkout_shape, estimate_peak_gb, padded_length, pick_batch, resolve_base_dtype
 
 TRAINER = Path(__file__).with_name("train_lora.py")
 PHASES = {"inputs": "texts to token ids", "trainer": "training (start, steps, held-back checks)",
@@ -240,7 +240,7 @@ def tune(model: str | Path, data: list[str], *, hf: str | None = None, dev: list
     shape = checkout_shape(checkout)
     if s.pad_to < 1:
         raise TuneError(f"pad_to must be 1 or more, not {s.pad_to}")
-    longest = -(-(max(len(t) for t in ids) - n_prefix) // s.pad_to) * s.pad_to     # as the trainer pads
+    longest = padded_length(max(len(t) for t in ids) - n_prefix, s.pad_to)
     if s.layers < 0:
         raise TuneError(f"layers must be 0 (all) or more, not {s.layers}")
     sizes = dict(prefix=n_prefix, longest=longest, base_dtype=base_dtype, checkpointing=s.checkpointing,

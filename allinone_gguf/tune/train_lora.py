@@ -44,6 +44,9 @@ from peft import LoraConfig, get_peft_model
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))     # run as a script: the project's root
+from allinone_gguf.tune.memory import cpu_has_bf16, padded_length  # noqa: E402  (standard library only)
+
 
 def read_inputs(path: Path):
     with path.open(encoding="utf-8") as f:
@@ -87,7 +90,7 @@ class Scorer:
 
     def _shared(self, rests: list[list[int]]) -> torch.Tensor:
         n, longest = len(rests), max(len(r) for r in rests)
-        longest = -(-longest // self.pad_to) * self.pad_to     # a few shapes, not one per length: see --pad-to
+        longest = padded_length(longest, self.pad_to)     # a few shapes, not one per length: see --pad-to
         out = self.body(input_ids=torch.tensor([self.prefix]), use_cache=True)
         cache = out.past_key_values
         for layer in cache.layers:
@@ -153,14 +156,6 @@ def compute_in_fp32(model) -> None:
     for module in frozen_bf16_linears(model):
         module.forward = (lambda m: lambda x: Fp32Linear.apply(x, m.weight, m.bias))(module)
     model.get_input_embeddings().register_forward_hook(lambda module, args, out: out.float())
-
-
-def cpu_has_bf16() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text().split()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def batches(rows: list[dict], size: int, rng: random.Random) -> list[list[int]]:
