@@ -34,7 +34,8 @@ from ..scoring import NEGATIVE, POSITIVE
 from ..scoring import score as score_labels
 from .config import TuneSettings
 from .data import build_examples, read_labelled
-from .memory import checkout_shape, estimate_peak_gb, padded_length, pick_batch, resolve_base_dtype
+from .memory import (checkout_shape, cpu_has_bf16, estimate_peak_gb, padded_length, pick_batch,
+                     resolve_base_dtype)
 
 TRAINER = Path(__file__).with_name("train_lora.py")
 PHASES = {"inputs": "texts to token ids", "trainer": "training (start, steps, held-back checks)",
@@ -244,7 +245,9 @@ def tune(model: str | Path, data: list[str], *, hf: str | None = None, dev: list
     if s.layers < 0:
         raise TuneError(f"layers must be 0 (all) or more, not {s.layers}")
     sizes = dict(prefix=n_prefix, longest=longest, base_dtype=base_dtype, checkpointing=s.checkpointing,
-                 adapted=s.layers)
+                 adapted=s.layers, fp32_products=base_dtype == "bf16" and not cpu_has_bf16())
+    why_dtype = (", multiplied in fp32: this CPU has no bf16 arithmetic" if sizes["fp32_products"] else
+                 ": this CPU has no bf16 arithmetic" if s.base_dtype == "auto" and base_dtype == "fp32" else "")
     batch = s.batch
     if s.max_memory:
         try:
@@ -252,8 +255,7 @@ def tune(model: str | Path, data: list[str], *, hf: str | None = None, dev: list
         except ValueError as e:
             raise TuneError(str(e)) from None
     log(f"batch {batch}: about {estimate_peak_gb(shape, batch=batch, **sizes):.1f} GiB at the longest input "
-        f"({sizes['prefix'] + sizes['longest']} tokens, {base_dtype} base weights"
-        f"{'' if s.base_dtype != 'auto' or base_dtype == 'bf16' else ': this CPU has no bf16 arithmetic'}; estimate)")
+        f"({sizes['prefix'] + sizes['longest']} tokens, {base_dtype} base weights{why_dtype}; estimate)")
     peft_dir = work / "peft"
     cmd = [str(python), str(TRAINER), "--checkout", str(checkout), "--inputs", str(inputs), "--out", str(peft_dir),
            "--rank", str(s.rank), "--alpha", str(s.alpha), "--targets", s.targets, "--epochs", str(s.epochs),
