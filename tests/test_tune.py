@@ -27,7 +27,7 @@ from allinone_gguf.runtime.adapter import (WEIGHTS_KEY, adapter_files, file_sha2
                                            weights_identity, write_metadata)
 from allinone_gguf.runtime.prompts import LABEL_SETS
 from allinone_gguf.tune.data import TRAIN_INJECTIONS, build_examples, inject
-from allinone_gguf.tune.memory import checkout_shape, estimate_peak_gb, pick_batch, resolve_base_dtype
+from allinone_gguf.tune.memory import checkout_shape, cpu_has_bf16, estimate_peak_gb, pick_batch, resolve_base_dtype
 from allinone_gguf.tune.run import fit_temperature
 from conftest import CACHE, QUANTS, ROOT, need, run_convert
 from convert.compare import differences
@@ -560,22 +560,21 @@ def test_max_memory_picks_the_largest_batch_that_fits(limit, expected):
     assert top[0] < top[1] < top[2] == top[3] == estimate_peak_gb(SHAPE_05B, batch=8, checkpointing=False, **sizes)
     # bf16 weights multiplied in fp32 (no bf16 arithmetic) measured 0.5 GiB above the estimate: counted, and the
     # batch a limit fits is smaller; fp32 weights are not affected
-    slow = [estimate_peak_gb(SHAPE_05B, batch=b, fp32_products=True, **sizes) for b in (1, 2, 4, 8)]
+    slow = [estimate_peak_gb(SHAPE_05B, batch=b, bf16_arithmetic=False, **sizes) for b in (1, 2, 4, 8)]
     assert slow == [round(g + 0.5, 2) for g in grows]
-    assert pick_batch(SHAPE_05B, slow[1], batch=8, fp32_products=True, **sizes) == 2
+    assert pick_batch(SHAPE_05B, slow[1], batch=8, bf16_arithmetic=False, **sizes) == 2
     assert pick_batch(SHAPE_05B, slow[1], batch=8, **sizes) == 8
-    assert estimate_peak_gb(SHAPE_05B, batch=8, base_dtype="fp32", fp32_products=True, **sizes) == estimate_peak_gb(
+    assert estimate_peak_gb(SHAPE_05B, batch=8, base_dtype="fp32", bf16_arithmetic=False, **sizes) == estimate_peak_gb(
         SHAPE_05B, batch=8, base_dtype="fp32", **sizes)
 
 
 def test_base_weights_are_bf16_only_where_the_cpu_does_bf16_arithmetic():
     # an AVX2-only CPU multiplies bf16 matrices in a plain loop (minutes a step): auto keeps fp32 weights there
-    assert resolve_base_dtype("auto", "flags : fpu avx2 fma avx512f") == "fp32"
-    assert resolve_base_dtype("auto", "flags : fpu avx2 avx512_bf16") == "bf16"
-    assert resolve_base_dtype("auto", "flags : fpu amx_bf16 amx_tile") == "bf16"
-    assert resolve_base_dtype("bf16", "flags : fpu avx2") == "bf16"          # asked for: kept
+    for flags, dtype in [("avx2 fma avx512f", "fp32"), ("avx2 avx512_bf16", "bf16"), ("amx_bf16 amx_tile", "bf16")]:
+        assert resolve_base_dtype("auto", cpu_has_bf16(f"flags : fpu {flags}")) == dtype
+    assert resolve_base_dtype("bf16", cpu_has_bf16("flags : fpu avx2")) == "bf16"          # asked for: kept
     with pytest.raises(ValueError, match="auto, bf16 or fp32, not fp16"):
-        resolve_base_dtype("fp16")
+        resolve_base_dtype("fp16", True)
 
 
 def test_tune_says_in_one_line_when_the_training_cannot_fit(model, tiny_checkout, tmp_path):

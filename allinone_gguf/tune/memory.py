@@ -50,11 +50,11 @@ def padded_length(tokens: int, pad_to: int) -> int:
     return -(-tokens // pad_to) * pad_to
 
 
-def resolve_base_dtype(base_dtype: str, cpuinfo: str | None = None) -> str:
+def resolve_base_dtype(base_dtype: str, bf16_arithmetic: bool) -> str:
     """"bf16" or "fp32" for a `tune --base-dtype` (auto: bf16 where the CPU has bf16 arithmetic, else fp32);
     ValueError for anything else."""
     if base_dtype == "auto":
-        return "bf16" if cpu_has_bf16(cpuinfo) else "fp32"
+        return "bf16" if bf16_arithmetic else "fp32"
     if base_dtype not in DTYPE_BYTES:
         raise ValueError(f"base_dtype must be auto, bf16 or fp32, not {base_dtype}")
     return base_dtype
@@ -86,11 +86,11 @@ def checkout_shape(checkout: Path) -> dict:
 
 
 def estimate_peak_gb(shape: dict, *, batch: int, prefix: int, longest: int, base_dtype: str = "bf16",
-                     checkpointing: bool = True, adapted: int = 0, fp32_products: bool = False) -> float:
+                     checkpointing: bool = True, adapted: int = 0, bf16_arithmetic: bool = True) -> float:
     """Peak resident memory (GB) of training on `shape` with `batch` texts of `longest` tokens after a shared
     `prefix` of tokens, the LoRA on the top `adapted` layers (0: all; only those keep anything for the backward
-    pass). Activations are counted at 2 bytes (bf16 autocast) plus fp32 norms and residuals. `fp32_products`: bf16
-    weights multiplied in fp32 (a CPU without bf16 arithmetic), whose fp32 activations and heap slack measured
+    pass). Activations are counted at 2 bytes (bf16 autocast) plus fp32 norms and residuals. On a CPU without
+    `bf16_arithmetic` bf16 weights are multiplied in fp32, whose fp32 activations and heap slack measured
     0.5 GiB above this estimate (2.53 against 2.03 GiB, 0.5B stand-in, batch 8, 12 steps, 2026-12-02): added."""
     h, i, heads = shape["hidden"], shape["intermediate"], shape["heads"]
     layers = min(adapted or shape["layers"], shape["layers"])
@@ -108,19 +108,19 @@ def estimate_peak_gb(shape: dict, *, batch: int, prefix: int, longest: int, base
     else:
         activations = batch * layers * per_text_layer * 1.3        # + the gradients in flight
     prefix_pass = layers * prefix * per_token                       # batch 1, never recomputed
-    slack = FP32_PRODUCTS_GB if fp32_products and base_dtype == "bf16" else 0.0
+    slack = FP32_PRODUCTS_GB if base_dtype == "bf16" and not bf16_arithmetic else 0.0
     return round(RUNTIME_GB + slack + (weights + activations + prefix_pass) / GB, 2)
 
 
 def pick_batch(shape: dict, max_gb: float, *, batch: int, prefix: int, longest: int, base_dtype: str = "bf16",
-               checkpointing: bool = True, adapted: int = 0, fp32_products: bool = False) -> int:
+               checkpointing: bool = True, adapted: int = 0, bf16_arithmetic: bool = True) -> int:
     """The largest batch <= `batch` whose estimate fits in `max_gb`; ValueError (one line) when not even 1 does."""
     for b in range(batch, 0, -1):
         if estimate_peak_gb(shape, batch=b, prefix=prefix, longest=longest, base_dtype=base_dtype,
-                            checkpointing=checkpointing, adapted=adapted, fp32_products=fp32_products) <= max_gb:
+                            checkpointing=checkpointing, adapted=adapted, bf16_arithmetic=bf16_arithmetic) <= max_gb:
             return b
     need = estimate_peak_gb(shape, batch=1, prefix=prefix, longest=longest, base_dtype=base_dtype,
-                            checkpointing=checkpointing, adapted=adapted, fp32_products=fp32_products)
+                            checkpointing=checkpointing, adapted=adapted, bf16_arithmetic=bf16_arithmetic)
     weights = shape["params"] * DTYPE_BYTES[base_dtype] / GB
     raise ValueError(f"training needs about {need:.1f} GiB even one text at a time ({weights:.1f} GiB of {base_dtype} "
                      f"weights, inputs up to {prefix + longest} tokens); --max-memory is {max_gb:g} GiB: raise it, "

@@ -234,8 +234,9 @@ def tune(model: str | Path, data: list[str], *, hf: str | None = None, dev: list
     mark = lap("inputs", started)
 
     # 2. training, in the tuning environment, at the largest batch that fits --max-memory
+    bf16_arithmetic = cpu_has_bf16()
     try:
-        base_dtype = resolve_base_dtype(s.base_dtype)
+        base_dtype = resolve_base_dtype(s.base_dtype, bf16_arithmetic)
     except ValueError as e:
         raise TuneError(str(e)) from None
     shape = checkout_shape(checkout)
@@ -245,9 +246,12 @@ def tune(model: str | Path, data: list[str], *, hf: str | None = None, dev: list
     if s.layers < 0:
         raise TuneError(f"layers must be 0 (all) or more, not {s.layers}")
     sizes = dict(prefix=n_prefix, longest=longest, base_dtype=base_dtype, checkpointing=s.checkpointing,
-                 adapted=s.layers, fp32_products=base_dtype == "bf16" and not cpu_has_bf16())
-    why_dtype = (", multiplied in fp32: this CPU has no bf16 arithmetic" if sizes["fp32_products"] else
-                 ": this CPU has no bf16 arithmetic" if s.base_dtype == "auto" and base_dtype == "fp32" else "")
+                 adapted=s.layers, bf16_arithmetic=bf16_arithmetic)
+    why_dtype = ""
+    if not bf16_arithmetic and base_dtype == "bf16":
+        why_dtype = ", multiplied in fp32: this CPU has no bf16 arithmetic"
+    elif not bf16_arithmetic and s.base_dtype == "auto":
+        why_dtype = ": this CPU has no bf16 arithmetic"
     batch = s.batch
     if s.max_memory:
         try:
