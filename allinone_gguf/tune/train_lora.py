@@ -227,7 +227,8 @@ def fingerprint(a, bf16: bool) -> dict:
     return {"inputs_sha256": digest, "checkout": str(Path(a.checkout).resolve()), "rank": a.rank,
             "alpha": a.alpha, "targets": a.targets, "epochs": a.epochs, "lr": a.lr, "batch": a.batch,
             "evals": a.evals, "seed": a.seed, "base_dtype": a.base_dtype, "checkpointing": a.checkpointing,
-            "autocast_bf16": bf16, "longest_first": a.longest_first, "pad_to": a.pad_to, "layers": a.layers}
+            "autocast_bf16": bf16, "longest_first": a.longest_first, "pad_to": a.pad_to, "layers": a.layers,
+            "attention": a.attention}
 
 
 def checkout_config(checkout: str):
@@ -285,6 +286,9 @@ def main(argv=None) -> int:
                    help="pad each batch's texts to a multiple of this many tokens (1: to the batch's longest; "
                         "tune passes its own default). Padding after the last token changes no margin; fewer "
                         "distinct shapes fragment the heap less")
+    p.add_argument("--attention", choices=["eager", "sdpa"], default="eager",
+                   help="transformers' attention: eager (matmul + softmax) or sdpa (torch's fused kernel, whose CPU "
+                        "backward is several times slower on these short inputs)")
     p.add_argument("--resume", action="store_true", help="continue from checkpoint.pt in --out")
     p.add_argument("--stop-after", type=int, metavar="STEPS",
                    help="measurement: stop after this many steps, as if interrupted")
@@ -308,7 +312,8 @@ def main(argv=None) -> int:
     train = [r for r in rows if r["split"] == "train"]
     held = [r for r in rows if r["split"] == "held"]
     dtype = torch.bfloat16 if a.base_dtype == "bf16" else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(a.checkout, config=checkout_config(a.checkout), dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(a.checkout, config=checkout_config(a.checkout), dtype=dtype,
+                                                 attn_implementation=a.attention)
     n_layers = model.config.num_hidden_layers
     lowest = n_layers - min(a.layers or n_layers, n_layers)
     config = LoraConfig(r=a.rank, lora_alpha=a.alpha, lora_dropout=0.0, target_modules=a.targets.split(","),
