@@ -262,9 +262,10 @@ def tune(model: str | Path, data: list[str], *, hf: str | None = None, dev: list
         f"({sizes['prefix'] + sizes['longest']} tokens, {base_dtype} base weights{why_dtype}; estimate)")
     if not bf16_arithmetic:
         log("without bf16 arithmetic a training step is all fp32 matrix products, several times as long as on a CPU "
-            "with AVX512-BF16 or AMX (the bar's estimate tells after a few steps): --texts 300 halves the steps for "
-            "up to a few points of accuracy; --no-checkpointing saves about a sixth of each step for more memory (1.5 "
-            "GiB on a 0.5B model). docs/adapter.md: CPUs without bf16 arithmetic")
+            f"with AVX512-BF16 or AMX (the bar's estimate tells after a few steps): fewer --texts (now {s.texts} a "
+            "file) take proportionally fewer steps, for some accuracy"
+            + ("; --no-checkpointing is faster for more memory (tune --help)" if s.checkpointing else "")
+            + ". docs/adapter.md: CPUs without bf16 arithmetic")
     peft_dir = work / "peft"
     cmd = [str(python), str(TRAINER), "--checkout", str(checkout), "--inputs", str(inputs), "--out", str(peft_dir),
            "--rank", str(s.rank), "--alpha", str(s.alpha), "--targets", s.targets, "--epochs", str(s.epochs),
