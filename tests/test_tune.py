@@ -37,6 +37,7 @@ from tinymodel import build_checkout
 
 TUNE_PYTHON = Path(os.environ.get("ALLINONE_TUNE_PYTHON", ROOT / ".venv-tune/bin/python"))
 TRAINER = ROOT / "allinone_gguf/tune/train_lora.py"
+PRODUCTS = ROOT / "allinone_gguf/tune/products.py"
 # Short texts written for these tests (the sentiment data is never copied into the project).
 TEXTS = [(1, "味道很好，下次还来。"), (0, "送餐太慢了，菜都凉了。"), (1, "服务热情，环境干净。"),
          (0, "质量很差，用了一天就坏了。"), (1, "物流很快，包装完好，满意。"), (0, "客服态度恶劣，再也不买了。"),
@@ -575,6 +576,27 @@ def test_base_weights_are_bf16_only_where_the_cpu_does_bf16_arithmetic():
     assert resolve_base_dtype("bf16", cpu_has_bf16("flags : fpu avx2")) == "bf16"          # asked for: kept
     with pytest.raises(ValueError, match="auto, bf16 or fp32, not fp16"):
         resolve_base_dtype("fp16", True)
+
+
+def test_products_measures_a_layers_products_in_each_precision_against_fp32(tiny_checkout, tmp_path):
+    # the figures behind docs/adapter.md's "a step is the arithmetic": every product of a layer, each precision
+    need_tune_env()
+    r = subprocess.run([str(TUNE_PYTHON), str(PRODUCTS), "--checkout", str(tiny_checkout), "--rows", "16",
+                        "--repeat", "1", "--threads", "1", "--json"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr[-2000:]
+    result = json.loads(r.stdout)
+    shape = checkout_shape(tiny_checkout)
+    assert [(p["in"], p["out"], p["count"]) for p in result["products"]] == [
+        (shape["hidden"], shape["hidden"], 2), (shape["hidden"], shape["kv"], 2),
+        (shape["hidden"], shape["intermediate"], 2), (shape["intermediate"], shape["hidden"], 1)]
+    for p in result["products"]:
+        assert p["fp32"]["relative_error"] == 0
+        assert 0 < p["bf16"]["relative_error"] < 0.02        # bf16's 8-bit mantissa: ~0.5 % a product
+        assert 0 < p["int8"]["relative_error"] < 0.06        # int8 weights and activations: a few per cent
+    assert all(s > 0 for s in result["pass_seconds"].values())
+    bad = subprocess.run([str(TUNE_PYTHON), str(PRODUCTS), "--checkout", str(tmp_path)], capture_output=True,
+                         text=True, timeout=300)
+    assert bad.returncode == 2 and "not a checkout to size" in bad.stderr and "Traceback" not in bad.stderr
 
 
 def test_tune_says_in_one_line_when_the_training_cannot_fit(model, tiny_checkout, tmp_path):

@@ -2,8 +2,9 @@
 
     .venv-tune/bin/python allinone_gguf/tune/train_lora.py --checkout DIR --inputs inputs.jsonl --out ADAPTER_DIR
 
-This file is the only one that imports torch, and nothing in the product imports it. It reads the exact token
-ids the runtime decodes (inputs.jsonl, written by tune/run.py from `AllInOne.sentiment_inputs`): a header
+This file and products.py (the measurement of a step's arithmetic) are the tuner's only ones that import torch,
+and nothing in the product imports them. It reads the exact token ids the runtime decodes (inputs.jsonl, written
+by tune/run.py from `AllInOne.sentiment_inputs`): a header
 {"prefix": [...], "label_ids": [[positive first tokens], [negative first tokens]]} and one row per text
 {"rest": [...], "label": 1 | 0, "split": "train" | "held"}; every text's input is prefix + rest.
 
