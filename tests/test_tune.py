@@ -6,6 +6,7 @@ test also needs the reference environment, as tests/test_lora_convert.py does.
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -27,7 +28,8 @@ from allinone_gguf.runtime.adapter import (WEIGHTS_KEY, adapter_files, file_sha2
                                            weights_identity, write_metadata)
 from allinone_gguf.runtime.prompts import LABEL_SETS
 from allinone_gguf.tune.data import TRAIN_INJECTIONS, build_examples, inject
-from allinone_gguf.tune.memory import checkout_shape, cpu_has_bf16, estimate_peak_gb, pick_batch, resolve_base_dtype
+from allinone_gguf.tune.memory import (checkout_shape, cpu_has_bf16, estimate_peak_gb, pick_batch,
+                                      pick_precision_and_batch, resolve_base_dtype)
 from allinone_gguf.tune.run import fit_temperature
 from conftest import CACHE, QUANTS, ROOT, need, run_convert
 from convert.compare import differences
@@ -567,6 +569,25 @@ def test_max_memory_picks_the_largest_batch_that_fits(limit, expected):
     assert pick_batch(SHAPE_05B, slow[1], batch=8, **sizes) == 8
     assert estimate_peak_gb(SHAPE_05B, batch=8, base_dtype="fp32", bf16_arithmetic=False, **sizes) == estimate_peak_gb(
         SHAPE_05B, batch=8, base_dtype="fp32", **sizes)
+
+
+def test_max_memory_under_auto_takes_bf16_weights_where_fp32_ones_cannot_fit():
+    # an AVX2-only laptop asking for 3 GiB: fp32 weights (faster there) need over 4 GiB even one text at a time,
+    # so auto takes bf16 weights (multiplied in fp32); with room for fp32 it keeps them, at the largest batch
+    sizes = dict(prefix=94, longest=64)
+    fp32_one = estimate_peak_gb(SHAPE_05B, batch=1, base_dtype="fp32", bf16_arithmetic=False, **sizes)
+    bf16_all = estimate_peak_gb(SHAPE_05B, batch=8, base_dtype="bf16", bf16_arithmetic=False, **sizes)
+    assert bf16_all < 3.0 < fp32_one
+    pick = functools.partial(pick_precision_and_batch, SHAPE_05B, batch=8, **sizes)
+    assert pick(3.0, base_dtype="auto", bf16_arithmetic=False) == ("bf16", 8)
+    tight = pick_batch(SHAPE_05B, fp32_one, batch=8, base_dtype="fp32", bf16_arithmetic=False, **sizes)
+    assert tight < 8 and pick(fp32_one, base_dtype="auto", bf16_arithmetic=False) == ("fp32", tight)
+    assert pick(None, base_dtype="auto", bf16_arithmetic=False) == ("fp32", 8)
+    assert pick(3.0, base_dtype="auto", bf16_arithmetic=True) == ("bf16", 8)
+    with pytest.raises(ValueError, match="even one text at a time.*or use --base-dtype bf16"):
+        pick(3.0, base_dtype="fp32", bf16_arithmetic=False)          # asked for fp32: not overridden
+    with pytest.raises(ValueError, match=r"even one text at a time \(\d\.\d GiB of bf16 weights.*is 1\.5 GiB"):
+        pick(1.5, base_dtype="auto", bf16_arithmetic=False)          # neither fits: the smaller need is named
 
 
 def test_base_weights_are_bf16_only_where_the_cpu_does_bf16_arithmetic():

@@ -39,14 +39,15 @@ class TuneSettings:
     base_dtype: str = field(default="auto", metadata={
         "help": "precision the frozen base weights are kept in while training: bf16 (half the memory; on a CPU "
                 "without AVX512-BF16 or AMX multiplied in fp32: 2.5 GiB instead of 3.9 for 1.2x the time a step "
-                "on the 0.5B stand-in), fp32, or auto: bf16 where the CPU has those, else fp32 (the LoRA and its "
-                "optimizer stay fp32)"})
+                "on the 0.5B stand-in), fp32, or auto: bf16 where the CPU has those, else fp32 unless --max-memory leaves room only for bf16 (the "
+                "LoRA and its optimizer stay fp32)"})
     checkpointing: bool = field(default=True, metadata={
         "help": "gradient checkpointing: keep each layer's input only and recompute the layer in the backward "
                 "pass (on the 0.5B stand-in with fp32 weights: 3.9 GiB instead of 5.4, for 1.2x the time a step)"})
     max_memory: float | None = field(default=None, metadata={
-        "help": "GiB (2**30 bytes) the training may use: the batch is lowered until the estimate fits (an error if "
-                "not even one text at a time fits)"})
+        "help": "GiB (2**30 bytes) the training may use: the batch is lowered until the estimate fits, and under "
+                "--base-dtype auto fp32 weights give way to bf16 ones when not even one text fits with them (an "
+                "error if nothing fits)"})
     resume: bool = field(default=False, metadata={
         "help": "continue an interrupted run from the last checkpoint in --work (same data and settings): it "
                 "ends with the adapter the uninterrupted run would have written"})

@@ -34,8 +34,7 @@ from ..scoring import NEGATIVE, POSITIVE
 from ..scoring import score as score_labels
 from .config import TuneSettings
 from .data import build_examples, read_labelled
-from .memory import (checkout_shape, cpu_has_bf16, estimate_peak_gb, padded_length, pick_batch,
-                     resolve_base_dtype)
+from .memory import checkout_shape, cpu_has_bf16, estimate_peak_gb, padded_length, pick_precision_and_batch
 
 TRAINER = Path(__file__).with_name("train_lora.py")
 PHASES = {"inputs": "texts to token ids", "trainer": "training (start, steps, held-back checks)",
@@ -235,29 +234,26 @@ def tune(model: str | Path, data: list[str], *, hf: str | None = None, dev: list
 
     # 2. training, in the tuning environment, at the largest batch that fits --max-memory
     bf16_arithmetic = cpu_has_bf16()
-    try:
-        base_dtype = resolve_base_dtype(s.base_dtype, bf16_arithmetic)
-    except ValueError as e:
-        raise TuneError(str(e)) from None
     shape = checkout_shape(checkout)
     if s.pad_to < 1:
         raise TuneError(f"pad_to must be 1 or more, not {s.pad_to}")
     longest = padded_length(max(len(t) for t in ids) - n_prefix, s.pad_to)
     if s.layers < 0:
         raise TuneError(f"layers must be 0 (all) or more, not {s.layers}")
-    sizes = dict(prefix=n_prefix, longest=longest, base_dtype=base_dtype, checkpointing=s.checkpointing,
-                 adapted=s.layers, bf16_arithmetic=bf16_arithmetic)
+    sizes = dict(prefix=n_prefix, longest=longest, checkpointing=s.checkpointing, adapted=s.layers,
+                 bf16_arithmetic=bf16_arithmetic)
+    try:
+        base_dtype, batch = pick_precision_and_batch(shape, s.max_memory, base_dtype=s.base_dtype, batch=s.batch,
+                                                     **sizes)
+    except ValueError as e:
+        raise TuneError(str(e)) from None
+    sizes["base_dtype"] = base_dtype
     why_dtype = ""
     if not bf16_arithmetic and base_dtype == "bf16":
-        why_dtype = ", multiplied in fp32: this CPU has no bf16 arithmetic"
+        why_dtype = ", multiplied in fp32: this CPU has no bf16 arithmetic" + (
+            f"; fp32 weights would not fit --max-memory {s.max_memory:g}" if s.base_dtype == "auto" else "")
     elif not bf16_arithmetic and s.base_dtype == "auto":
         why_dtype = ": this CPU has no bf16 arithmetic"
-    batch = s.batch
-    if s.max_memory:
-        try:
-            batch = pick_batch(shape, s.max_memory, batch=s.batch, **sizes)
-        except ValueError as e:
-            raise TuneError(str(e)) from None
     log(f"batch {batch}: about {estimate_peak_gb(shape, batch=batch, **sizes):.1f} GiB at the longest input "
         f"({sizes['prefix'] + sizes['longest']} tokens, {base_dtype} base weights{why_dtype}; estimate)")
     if not bf16_arithmetic:
