@@ -259,7 +259,8 @@ def tune(model: str | Path, data: list[str], *, hf: str | None = None, dev: list
     if not bf16_arithmetic:
         log("without bf16 arithmetic a training step is all fp32 matrix products, several times as long as on a CPU "
             f"with AVX512-BF16 or AMX (the bar's estimate tells after a few steps): fewer --texts (now {s.texts} a "
-            "file) take proportionally fewer steps, for some accuracy"
+            "file) take proportionally fewer steps, for some accuracy (--texts 150 --lr 6e-4: a quarter of the "
+            "default's steps, within 3.5 points of its dev accuracy on the 0.5B stand-in)"
             + ("; --no-checkpointing is faster for more memory (tune --help)" if s.checkpointing else "")
             + ". docs/adapter.md: CPUs without bf16 arithmetic")
     peft_dir = work / "peft"
