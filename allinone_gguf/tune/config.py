@@ -39,8 +39,8 @@ class TuneSettings:
     base_dtype: str = field(default="auto", metadata={
         "help": "precision the frozen base weights are kept in while training: bf16 (half the memory; on a CPU "
                 "without AVX512-BF16 or AMX multiplied in fp32: 2.5 GiB instead of 3.9 for 1.2x the time a step "
-                "on the 0.5B stand-in), fp32, or auto: bf16 where the CPU has those, else fp32 unless --max-memory leaves room only for bf16 (the "
-                "LoRA and its optimizer stay fp32)"})
+                "on the 0.5B stand-in), fp32, or auto: bf16 where the CPU has those, else fp32 unless "
+                "--max-memory leaves room only for bf16 (the LoRA and its optimizer stay fp32)"})
     checkpointing: bool = field(default=True, metadata={
         "help": "gradient checkpointing: keep each layer's input only and recompute the layer in the backward "
                 "pass (on the 0.5B stand-in with fp32 weights: 3.9 GiB instead of 5.4, for 1.2x the time a step)"})
