@@ -9,9 +9,10 @@ over the batch's tokens: 8 texts of ~42 tokens after a 94-token prefix, ~430 row
 times three, is a floor under a step's time on this CPU, whatever the code around the products does.
 
 bf16 is what `--base-dtype bf16` multiplies in on a CPU with AVX512-BF16 or AMX; elsewhere torch's plain loop does
-bf16, many times slower, so the trainer multiplies bf16 weights in fp32 there (train_lora.py's Fp32Linear). int8 is torch's dynamic quantized Linear (fbgemm: int8 weights per output channel,
-activations quantized per call), which the trainer does not use: it is measured here to show what it would buy,
-with its error against the fp32 product.
+bf16, many times slower, so the trainer multiplies bf16 weights in fp32 there (train_lora.py's Fp32Linear).
+int8 is torch's dynamic quantized Linear (fbgemm: int8 weights per output channel, activations quantized per
+call), which the trainer does not use: it is measured here to show what it would buy, with its error against the
+fp32 product.
 """
 from __future__ import annotations
 
