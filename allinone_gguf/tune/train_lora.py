@@ -311,7 +311,9 @@ def main(argv=None) -> int:
     rng = random.Random(a.seed)
     head, rows = read_inputs(Path(a.inputs))
     train = [r for r in rows if r["split"] == "train"]
-    held = [r for r in rows if r["split"] == "held"]
+    # shortest first: each evaluation batch is padded to its longest text only (37 % fewer tokens to read on
+    # make tune's 240 held-back texts than in file order)
+    held = sorted((r for r in rows if r["split"] == "held"), key=lambda r: len(r["rest"]))
     dtype = torch.bfloat16 if a.base_dtype == "bf16" else torch.float32
     model = AutoModelForCausalLM.from_pretrained(a.checkout, config=checkout_config(a.checkout), dtype=dtype,
                                                  attn_implementation=a.attention)
