@@ -27,10 +27,11 @@ from allinone_gguf.runtime import adapter as adapter_module
 from allinone_gguf.runtime.adapter import (WEIGHTS_KEY, adapter_files, file_sha256, model_family, weights_digest,
                                            weights_identity, write_metadata)
 from allinone_gguf.runtime.prompts import LABEL_SETS
+from allinone_gguf.tune.config import TuneSettings
 from allinone_gguf.tune.data import TRAIN_INJECTIONS, build_examples, inject
 from allinone_gguf.tune.memory import (checkout_shape, cpu_has_bf16, estimate_peak_gb, pick_batch,
                                       pick_precision_and_batch, resolve_base_dtype)
-from allinone_gguf.tune.run import fit_temperature
+from allinone_gguf.tune.run import fit_temperature, no_bf16_hint
 from conftest import CACHE, QUANTS, ROOT, need, run_convert
 from convert.compare import differences
 from convert.reference_files import reference_lora_converter
@@ -588,6 +589,16 @@ def test_max_memory_under_auto_takes_bf16_weights_where_fp32_ones_cannot_fit():
         pick(3.0, base_dtype="fp32", bf16_arithmetic=False)          # asked for fp32: not overridden
     with pytest.raises(ValueError, match=r"even one text at a time \(\d\.\d GiB of bf16 weights.*is 1\.5 GiB"):
         pick(1.5, base_dtype="auto", bf16_arithmetic=False)          # neither fits: the smaller need is named
+
+
+def test_the_hint_without_bf16_arithmetic_names_only_the_faster_settings_not_already_taken():
+    default = no_bf16_hint(TuneSettings())
+    assert "--texts 150 --lr 6e-4" in default and "--no-checkpointing" in default
+    quick = no_bf16_hint(TuneSettings(texts=150, lr=6e-4))              # the quick setting is not offered again
+    assert "--texts 150" not in quick and "--no-checkpointing" in quick
+    bounded = no_bf16_hint(TuneSettings(texts=150, lr=6e-4, max_memory=3.0))   # more memory is not an option
+    assert "--no-checkpointing" not in bounded and "--texts" not in bounded
+    assert bounded.startswith("without bf16 arithmetic") and bounded.endswith("CPUs without bf16 arithmetic")
 
 
 def test_base_weights_are_bf16_only_where_the_cpu_does_bf16_arithmetic():

@@ -151,6 +151,22 @@ def accuracy_by_file(sources: list[str], right: list[bool]) -> dict[str, float]:
     return {name: round(sum(rs) / len(rs), 4) for name, rs in by.items()}
 
 
+def no_bf16_hint(s: TuneSettings) -> str:
+    """What the tuner says on a CPU without bf16 arithmetic: why the steps are slow, and the faster settings that
+    this run does not use already (docs/adapter.md: CPUs without bf16 arithmetic)."""
+    faster = []
+    if s.texts > 150:
+        faster.append(f"fewer --texts (now {s.texts} a file) take proportionally fewer steps, for some accuracy "
+                      "(--texts 150 --lr 6e-4: a quarter of the default's steps, within 3.5 points of its dev "
+                      "accuracy on the 0.5B stand-in)")
+    if s.checkpointing and s.max_memory is None:
+        faster.append("--no-checkpointing is faster for more memory")
+    return ("without bf16 arithmetic a training step is all fp32 matrix products, several times as long as on a "
+            "CPU with AVX512-BF16 or AMX (the bar's estimate tells after a few steps)"
+            + (": " + "; ".join(faster) + " (tune --help)" if faster else "")
+            + ". docs/adapter.md: CPUs without bf16 arithmetic")
+
+
 def run_trainer(cmd: list[str]) -> int:
     """Run the trainer in the foreground; a Ctrl-C reaches it too (same process group) and it saves a checkpoint
     and the best adapter so far, which this process then waits for instead of dying. A SIGTERM sent to this
@@ -257,12 +273,7 @@ def tune(model: str | Path, data: list[str], *, hf: str | None = None, dev: list
     log(f"batch {batch}: about {estimate_peak_gb(shape, batch=batch, **sizes):.1f} GiB at the longest input "
         f"({sizes['prefix'] + sizes['longest']} tokens, {base_dtype} base weights{why_dtype}; estimate)")
     if not bf16_arithmetic:
-        log("without bf16 arithmetic a training step is all fp32 matrix products, several times as long as on a CPU "
-            f"with AVX512-BF16 or AMX (the bar's estimate tells after a few steps): fewer --texts (now {s.texts} a "
-            "file) take proportionally fewer steps, for some accuracy (--texts 150 --lr 6e-4: a quarter of the "
-            "default's steps, within 3.5 points of its dev accuracy on the 0.5B stand-in)"
-            + ("; --no-checkpointing is faster for more memory (tune --help)" if s.checkpointing else "")
-            + ". docs/adapter.md: CPUs without bf16 arithmetic")
+        log(no_bf16_hint(s))
     peft_dir = work / "peft"
     cmd = [str(python), str(TRAINER), "--checkout", str(checkout), "--inputs", str(inputs), "--out", str(peft_dir),
            "--rank", str(s.rank), "--alpha", str(s.alpha), "--targets", s.targets, "--epochs", str(s.epochs),
