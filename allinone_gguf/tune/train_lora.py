@@ -17,8 +17,10 @@ The held texts choose the best checkpoint (lowest loss).
 Memory: the frozen base weights stay in bf16 (--base-dtype), the LoRA and AdamW in fp32; with gradient
 checkpointing each decoder layer keeps only its input and is recomputed in the backward pass (the prefix's
 keys/values are read, never appended to, so a layer is a pure function of its input). With --layers N only the
-top N layers carry the LoRA: the layers below run forward once, keep nothing and get no backward pass. The end of
-the run prints the peak resident memory (ru_maxrss) and the time.
+top N layers carry the LoRA: the layers below run forward once, keep nothing and get no backward pass. After each
+step and check the heap's free pages go back to the system (--trim, glibc's malloc_trim): a step's tensors come in
+many sizes, and the holes they leave otherwise stay resident and add up over a run. The end of the run prints the
+peak resident memory (ru_maxrss) and the time.
 
 Interruptions: at each evaluation point the whole training state (LoRA, optimizer, schedule, RNG, the batch
 order, the best checkpoint so far) goes to checkpoint.pt in --out, written atomically (temporary file, then
@@ -29,6 +31,7 @@ uninterrupted run with the same seed (the evaluation made only because of the in
 from __future__ import annotations
 
 import argparse
+import ctypes
 import hashlib
 import json
 import math
@@ -47,6 +50,18 @@ from transformers import AutoModelForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))     # run as a script: the project's root
 from allinone_gguf.tune.memory import cpu_has_bf16, padded_length  # noqa: E402  (standard library only)
+
+
+def heap_trimmer():
+    """glibc's malloc_trim(0) as a function of no arguments, or None where the C library has none (musl, macOS).
+    It hands the pages of the heap's free chunks back to the system: the tensors of a step come in many sizes,
+    and the holes they leave stay resident until trimmed."""
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return None
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return lambda: trim(0)
 
 
 def read_inputs(path: Path):
@@ -290,6 +305,10 @@ def main(argv=None) -> int:
     p.add_argument("--attention", choices=["eager", "sdpa"], default="eager",
                    help="transformers' attention: eager (matmul + softmax) or sdpa (torch's fused kernel, whose CPU "
                         "backward in bf16 measured 3.6x eager's time a layer on these short inputs)")
+    p.add_argument("--trim", action=argparse.BooleanOptionalAction, default=True,
+                   help="hand the heap's free pages back to the system after each step and check (glibc's "
+                        "malloc_trim): on the 0.5B stand-in with bf16 weights on an AVX2 CPU, 2.58 GiB peak over 75 "
+                        "steps against 3.62 over the same steps untrimmed, with the same held-back losses")
     p.add_argument("--resume", action="store_true", help="continue from checkpoint.pt in --out")
     p.add_argument("--stop-after", type=int, metavar="STEPS",
                    help="measurement: stop after this many steps, as if interrupted")
@@ -378,6 +397,8 @@ def main(argv=None) -> int:
                  "seconds": spent + time.perf_counter() - start, "running": running}
         write_atomic(checkpoint, lambda f: torch.save(state, f))
 
+    trim = heap_trimmer() if a.trim else None
+    log["trim"] = trim is not None
     start = time.perf_counter()
     step_seconds = 0.0
     stopped_at = None           # (result, LoRA) of the evaluation made only because the run was stopped
@@ -394,6 +415,8 @@ def main(argv=None) -> int:
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         schedule.step()
+        if trim:
+            trim()
         step_seconds += time.perf_counter() - began
         value = loss.item()
         running = value if running is None else 0.95 * running + 0.05 * value
@@ -411,6 +434,8 @@ def main(argv=None) -> int:
             elif result is not None:
                 stopped_at = (result, lora_state(model))
             save_checkpoint(step)
+            if trim:
+                trim()
             if result is not None:
                 tqdm.write(f"step {step}/{total}: held-back loss {result['loss']:.4f}, accuracy "
                            f"{result['accuracy']:.3f}; checkpoint saved", file=sys.stderr)
