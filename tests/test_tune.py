@@ -473,22 +473,26 @@ def test_sigterm_then_resume_ends_with_the_uninterrupted_runs_adapter(tiny_check
     inputs = write_inputs(model, tmp_path / "inputs.jsonl", 104)
     cmd = [str(TUNE_PYTHON), str(TRAINER), "--checkout", str(tiny_checkout), "--inputs", str(inputs), "--batch", "2",
            "--epochs", "4", "--evals", "8", "--seed", "3", "--threads", "1"]      # 192 steps, a checkpoint every 24
-    whole = subprocess.run(cmd + ["--out", str(tmp_path / "whole")], capture_output=True, text=True, timeout=600)
+    # the heap trimmed in one run and not in the other (--trim): it must not change a byte of the adapter
+    whole = subprocess.run(cmd + ["--no-trim", "--out", str(tmp_path / "whole")], capture_output=True, text=True,
+                           timeout=600)
     assert whole.returncode == 0, whole.stderr[-2000:]
     parted = tmp_path / "parted"
-    rc, rest = sigterm_after_first_checkpoint(cmd + ["--out", str(parted)])
+    rc, rest = sigterm_after_first_checkpoint(cmd + ["--trim", "--out", str(parted)])
     assert rc == 130, rest[-2000:]
     stopped = json.loads((parted / "train_log.json").read_text())
     assert stopped["interrupted"] and 24 <= stopped["steps"] < stopped["steps_planned"] == 192
     assert "SIGTERM" in rest and (parted / "adapter_model.safetensors").is_file()
     assert not list(parted.glob("*.tmp")) and (parted / "checkpoint.pt").is_file()
-    resumed = subprocess.run(cmd + ["--out", str(parted), "--resume"], capture_output=True, text=True, timeout=600)
+    resumed = subprocess.run(cmd + ["--trim", "--out", str(parted), "--resume"], capture_output=True, text=True,
+                             timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert f"resuming at step {stopped['steps']}/192" in resumed.stderr
     assert (parted / "adapter_model.safetensors").read_bytes() == \
         (tmp_path / "whole" / "adapter_model.safetensors").read_bytes()
     a, b = (json.loads((d / "train_log.json").read_text()) for d in (tmp_path / "whole", parted))
     assert [e["loss"] for e in a["evals"]] == [e["loss"] for e in b["evals"]] and a["best"]["step"] == b["best"]["step"]
+    assert (a["trim"], b["trim"]) == (False, True)
     # a checkpoint of other settings is refused with one line
     other = subprocess.run(cmd[:-4] + ["--seed", "4", "--threads", "1", "--out", str(parted), "--resume"],
                            capture_output=True, text=True, timeout=600)
@@ -562,10 +566,10 @@ def test_max_memory_picks_the_largest_batch_that_fits(limit, expected):
     # the LoRA on the top layers only: the layers below keep nothing for the backward pass (more than all: all)
     top = [estimate_peak_gb(SHAPE_05B, batch=8, checkpointing=False, adapted=n, **sizes) for n in (6, 12, 24, 99)]
     assert top[0] < top[1] < top[2] == top[3] == estimate_peak_gb(SHAPE_05B, batch=8, checkpointing=False, **sizes)
-    # bf16 weights multiplied in fp32 (no bf16 arithmetic) measured 0.5 GiB above the estimate: counted, and the
+    # bf16 weights multiplied in fp32 (no bf16 arithmetic) measured 0.65 GiB above the estimate: counted, and the
     # batch a limit fits is smaller; fp32 weights are not affected
     slow = [estimate_peak_gb(SHAPE_05B, batch=b, bf16_arithmetic=False, **sizes) for b in (1, 2, 4, 8)]
-    assert slow == [round(g + 0.5, 2) for g in grows]
+    assert slow == [round(g + 0.65, 2) for g in grows]
     assert pick_batch(SHAPE_05B, slow[1], batch=8, bf16_arithmetic=False, **sizes) == 2
     assert pick_batch(SHAPE_05B, slow[1], batch=8, **sizes) == 8
     assert estimate_peak_gb(SHAPE_05B, batch=8, base_dtype="fp32", bf16_arithmetic=False, **sizes) == estimate_peak_gb(

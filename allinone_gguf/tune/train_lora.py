@@ -18,9 +18,9 @@ Memory: the frozen base weights stay in bf16 (--base-dtype), the LoRA and AdamW 
 checkpointing each decoder layer keeps only its input and is recomputed in the backward pass (the prefix's
 keys/values are read, never appended to, so a layer is a pure function of its input). With --layers N only the
 top N layers carry the LoRA: the layers below run forward once, keep nothing and get no backward pass. After each
-step and check the heap's free pages go back to the system (--trim, glibc's malloc_trim): a step's tensors come in
-many sizes, and the holes they leave otherwise stay resident and add up over a run. The end of the run prints the
-peak resident memory (ru_maxrss) and the time.
+step and check the heap's free pages go back to the system where bf16 weights are multiplied in fp32 (--trim,
+glibc's malloc_trim): that path's fp32 tensors come in many sizes, and the holes they leave otherwise stay resident
+and add up over a run. The end of the run prints the peak resident memory (ru_maxrss) and the time.
 
 Interruptions: at each evaluation point the whole training state (LoRA, optimizer, schedule, RNG, the batch
 order, the best checkpoint so far) goes to checkpoint.pt in --out, written atomically (temporary file, then
@@ -305,10 +305,11 @@ def main(argv=None) -> int:
     p.add_argument("--attention", choices=["eager", "sdpa"], default="eager",
                    help="transformers' attention: eager (matmul + softmax) or sdpa (torch's fused kernel, whose CPU "
                         "backward in bf16 measured 3.6x eager's time a layer on these short inputs)")
-    p.add_argument("--trim", action=argparse.BooleanOptionalAction, default=True,
+    p.add_argument("--trim", action=argparse.BooleanOptionalAction, default=None,
                    help="hand the heap's free pages back to the system after each step and check (glibc's "
-                        "malloc_trim): on the 0.5B stand-in with bf16 weights on an AVX2 CPU, 2.58 GiB peak over 75 "
-                        "steps against 3.62 over the same steps untrimmed, with the same held-back losses")
+                        "malloc_trim); default: where bf16 weights are multiplied in fp32 (the 0.5B stand-in on an "
+                        "AVX2 CPU: 2.58 GiB peak over 75 steps against 3.62 untrimmed, the same held-back losses), "
+                        "not elsewhere (bf16 arithmetic: no gain over 40 steps, 2026-12-01)")
     p.add_argument("--resume", action="store_true", help="continue from checkpoint.pt in --out")
     p.add_argument("--stop-after", type=int, metavar="STEPS",
                    help="measurement: stop after this many steps, as if interrupted")
@@ -397,7 +398,8 @@ def main(argv=None) -> int:
                  "seconds": spent + time.perf_counter() - start, "running": running}
         write_atomic(checkpoint, lambda f: torch.save(state, f))
 
-    trim = heap_trimmer() if a.trim else None
+    in_fp32 = dtype == torch.bfloat16 and not bf16
+    trim = heap_trimmer() if (in_fp32 if a.trim is None else a.trim) else None
     log["trim"] = trim is not None
     start = time.perf_counter()
     step_seconds = 0.0
