@@ -7,6 +7,7 @@ tokenizer is downloaded once into `.cache/vocab/` (git-ignored).
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -26,6 +27,14 @@ PROXY_MODEL = Path(os.environ.get("ALLINONE_PROXY_MODEL",
 # instead of skipping them, so CI cannot go green without running them.
 REQUIRE_PROXY = os.environ.get("ALLINONE_REQUIRE_PROXY") == "1"
 QUANTS = DEFAULT_TYPES  # the files `python -m convert all` makes
+
+
+def ctrl_c_reaches_it() -> None:
+    """preexec_fn of a subprocess a test sends SIGINT to: SIGINT at its default disposition, as a terminal's Ctrl-C
+    finds it. A runner that starts the tests in the background of a script (no job control) leaves SIGINT ignored;
+    the child inherits that and Python then never raises KeyboardInterrupt (2026-12-07: `bash .ci/run` started
+    with `( ... &)` failed the two tests that send it)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def run_convert(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:

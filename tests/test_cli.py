@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import FakeRuntime
+from conftest import FakeRuntime, ctrl_c_reaches_it
 
 from allinone_gguf.faces import classify_common, cli, flags
 from allinone_gguf.runtime import BRANCHES
@@ -410,7 +410,8 @@ def test_ctrl_c_stops_a_run_that_resume_finishes(model, tmp_path):
     out = tmp_path / "out.csv"
     proc = subprocess.Popen([sys.executable, "-m", "allinone_gguf", "classify", "-", "-o", str(out), "-q",
                              "--model", str(model), "--n-threads", "1"], cwd=ROOT, stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, encoding="utf-8")
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, encoding="utf-8",
+                            preexec_fn=ctrl_c_reaches_it)
     try:
         proc.stdin.write("".join(t + "\n" for t in texts[:40]))
         proc.stdin.flush()

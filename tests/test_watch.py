@@ -23,6 +23,7 @@ from allinone_gguf.faces import watch, watch_report
 from allinone_gguf.runtime import BRANCHES
 from allinone_gguf.scoring import NEGATIVE
 from allinone_gguf.wellbeing import AlertRule, Message, alerts
+from conftest import ctrl_c_reaches_it
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "tests" / "artifacts"
@@ -261,7 +262,7 @@ def test_an_interrupted_watch_resumes_without_losing_or_repeating_a_row(model, t
     args = ["watch", str(src), "--by", "author", "--time", "time", "-o", str(out), "--model", str(model), "-q",
             "--threads", "1"]
     proc = subprocess.Popen([sys.executable, "-c", PAUSING_WATCH, *args], cwd=ROOT, stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=ctrl_c_reaches_it)
     try:
         for line in proc.stderr:                         # the event: two groups written, the third held
             if line.strip() == "PAUSED":
