@@ -342,7 +342,8 @@ def main(argv=None) -> int:
     config = LoraConfig(r=a.rank, lora_alpha=a.alpha, lora_dropout=0.0, target_modules=a.targets.split(","),
                         layers_to_transform=list(range(lowest, n_layers)) if lowest else None, task_type="CAUSAL_LM")
     model = get_peft_model(model, config)        # the LoRA's weights in fp32 (autocast_adapter_dtype)
-    if dtype == torch.bfloat16 and not bf16:
+    in_fp32 = dtype == torch.bfloat16 and not bf16
+    if in_fp32:
         compute_in_fp32(model)      # bf16 arithmetic without AVX512-BF16/AMX: minutes a step instead of seconds
     scorer = Scorer(model, head["prefix"], head["label_ids"], bf16, a.checkpointing, a.pad_to, lowest)
 
@@ -398,7 +399,6 @@ def main(argv=None) -> int:
                  "seconds": spent + time.perf_counter() - start, "running": running}
         write_atomic(checkpoint, lambda f: torch.save(state, f))
 
-    in_fp32 = dtype == torch.bfloat16 and not bf16
     trim = heap_trimmer() if (in_fp32 if a.trim is None else a.trim) else None
     log["trim"] = trim is not None
     start = time.perf_counter()
