@@ -19,7 +19,9 @@ from pathlib import Path
 GB = 1024 ** 3               # every GB here, as in --max-memory and the tuner's printout, is a GiB
 RUNTIME_GB = 0.55            # a trainer process with torch + transformers + peft imported and the inputs read
 DTYPE_BYTES = {"bf16": 2, "fp32": 4}
-FP32_PRODUCTS_GB = 0.65       # bf16 weights multiplied in fp32: see estimate_peak_gb
+FP32_PRODUCTS_GB = 0.65       # every product in fp32 (no bf16 arithmetic): see estimate_peak_gb
+# the input embeddings and the output head: the trainer reads rows of them, and keeps them bf16 under fp32 weights
+ROW_TENSORS = ("embed_tokens.weight", "lm_head.weight")
 SAFETENSORS_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
                      "BOOL": 1}
 
@@ -65,7 +67,7 @@ def checkout_shape(checkout: Path) -> dict:
     without reading the tensors)."""
     config = json.loads((checkout / "config.json").read_text(encoding="utf-8"))
     config = config.get("text_config", config)
-    params = 0
+    params = rows = 0
     for f in sorted(checkout.glob("*.safetensors")):
         with f.open("rb") as fh:
             (size,) = struct.unpack("<Q", fh.read(8))
@@ -76,13 +78,23 @@ def checkout_shape(checkout: Path) -> dict:
                 for d in t["shape"]:
                     n *= d
                 params += n
+                if name.endswith(ROW_TENSORS):
+                    rows += n
     if params == 0:
         raise ValueError(f"{checkout}: no *.safetensors weights to size the training by")
     hidden = config["hidden_size"]
     heads = config["num_attention_heads"]
-    return {"params": params, "layers": config["num_hidden_layers"], "hidden": hidden,
+    return {"params": params, "rows": rows, "layers": config["num_hidden_layers"], "hidden": hidden,
             "intermediate": config["intermediate_size"], "heads": heads,
             "kv": config.get("num_key_value_heads", heads) * config.get("head_dim", hidden // heads)}
+
+
+def weights_bytes(shape: dict, base_dtype: str) -> int:
+    """The frozen weights' resident bytes. With fp32 weights the input embeddings and the output head stay bf16
+    (train_lora.load_base; most of their pages are never read, but they are counted whole, as bf16)."""
+    if base_dtype == "fp32":
+        return shape["params"] * 4 - shape["rows"] * 2
+    return shape["params"] * DTYPE_BYTES[base_dtype]
 
 
 def estimate_peak_gb(shape: dict, *, batch: int, prefix: int, longest: int, base_dtype: str = "bf16",
@@ -90,14 +102,13 @@ def estimate_peak_gb(shape: dict, *, batch: int, prefix: int, longest: int, base
     """Peak resident memory (GB) of training on `shape` with `batch` texts of `longest` tokens after a shared
     `prefix` of tokens, the LoRA on the top `adapted` layers (0: all; only those keep anything for the backward
     pass). Activations are counted at 2 bytes (bf16 autocast) plus fp32 norms and residuals. On a CPU without
-    `bf16_arithmetic` bf16 weights are multiplied in fp32, whose fp32 activations and heap slack measured
-    0.5 GiB above this estimate over 12 steps (2.53 against 2.03 GiB, 0.5B stand-in, batch 8, 2026-12-02) and a
-    whole make tune (heap trimmed) 2.63 GiB against 2.5 (2026-12-07): 0.65 GiB added."""
+    `bf16_arithmetic` every product is made in fp32 (bf16 weights upcast one at a time, or fp32 weights), whose
+    fp32 activations and heap slack measured 0.5 GiB above this estimate over 12 steps (bf16 weights: 2.53
+    against 2.03 GiB, 0.5B stand-in, batch 8, 2026-12-02) and a whole make tune (heap trimmed) 2.63 GiB against
+    2.5 (2026-12-07): 0.65 GiB added."""
     h, i, heads = shape["hidden"], shape["intermediate"], shape["heads"]
     layers = min(adapted or shape["layers"], shape["layers"])
-    weights = shape["params"] * DTYPE_BYTES[base_dtype]
-    if base_dtype == "fp32":
-        weights *= 1.5               # autocast's bf16 copy of the weight being used, and the loader's transient
+    weights = weights_bytes(shape, base_dtype)
     context = prefix + longest
     # bytes one token keeps for the backward pass in one decoder layer: q/k/v/o and MLP inputs and outputs
     # (bf16), the norms' and residuals' fp32 copies, the key/value heads repeated for attention
@@ -109,7 +120,7 @@ def estimate_peak_gb(shape: dict, *, batch: int, prefix: int, longest: int, base
     else:
         activations = batch * layers * per_text_layer * 1.3        # + the gradients in flight
     prefix_pass = layers * prefix * per_token                       # batch 1, never recomputed
-    slack = FP32_PRODUCTS_GB if base_dtype == "bf16" and not bf16_arithmetic else 0.0
+    slack = 0.0 if bf16_arithmetic else FP32_PRODUCTS_GB
     return round(RUNTIME_GB + slack + (weights + activations + prefix_pass) / GB, 2)
 
 
@@ -141,7 +152,7 @@ def pick_batch(shape: dict, max_gb: float, *, batch: int, prefix: int, longest: 
             return b
     need = estimate_peak_gb(shape, batch=1, prefix=prefix, longest=longest, base_dtype=base_dtype,
                             checkpointing=checkpointing, adapted=adapted, bf16_arithmetic=bf16_arithmetic)
-    weights = shape["params"] * DTYPE_BYTES[base_dtype] / GB
+    weights = weights_bytes(shape, base_dtype) / GB
     raise ValueError(f"training needs about {need:.1f} GiB even one text at a time ({weights:.1f} GiB of {base_dtype} "
                      f"weights, inputs up to {prefix + longest} tokens); --max-memory is {max_gb:g} GiB: raise it, "
                      f"or lower --max-tokens" + ("" if base_dtype == "bf16" else ", or use --base-dtype bf16")
