@@ -356,9 +356,10 @@ def main(argv=None) -> int:
                         "backward in bf16 measured 3.6x eager's time a layer on these short inputs)")
     p.add_argument("--trim", action=argparse.BooleanOptionalAction, default=None,
                    help="hand the heap's free pages back to the system after each step and check (glibc's "
-                        "malloc_trim); default: where bf16 weights are multiplied in fp32 (the 0.5B stand-in on an "
-                        "AVX2 CPU: 2.58 GiB peak over 75 steps against 3.62 untrimmed, the same held-back losses), "
-                        "not elsewhere (bf16 arithmetic: no gain over 40 steps, 2026-12-01)")
+                        "malloc_trim); default: where the products are made in fp32, without bf16 arithmetic (the "
+                        "0.5B stand-in on an AVX2 CPU, 75 steps: 2.58 GiB peak against 3.62 untrimmed with bf16 "
+                        "weights, 2.92 with fp32 ones against 3.42 by step 40; the same held-back losses; up to "
+                        "1.17x the time), not elsewhere (bf16 arithmetic: no gain over 40 steps, 2026-12-01)")
     p.add_argument("--resume", action="store_true", help="continue from checkpoint.pt in --out")
     p.add_argument("--stop-after", type=int, metavar="STEPS",
                    help="measurement: stop after this many steps, as if interrupted")
