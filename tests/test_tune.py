@@ -327,7 +327,8 @@ import train_lora as t
 checkout = sys.argv[2]
 config = t.checkout_config(checkout)
 ours = t.load_base(checkout, config, torch.float32, "eager")
-plain = t.AutoModelForCausalLM.from_pretrained(checkout, config=config, dtype=torch.float32, attn_implementation="eager")
+plain = t.AutoModelForCausalLM.from_pretrained(checkout, config=config, dtype=torch.float32,
+                                               attn_implementation="eager")
 a, b = dict(ours.named_parameters()), dict(plain.named_parameters())
 ids = torch.tensor([[1, 2, 3, 40, 500]])
 print(sorted({str(p.dtype) for n, p in a.items() if "embed" in n or "lm_head" in n}), sorted(a) == sorted(b),
@@ -539,7 +540,8 @@ def test_peak_memory_is_reported_and_within_the_estimate(tuned, tiny_checkout):
 
 # the stand-in checkout's shape (checkout_shape: 630 M weights with its own lm_head, 24 layers) and its inputs
 # (a 94-token prefix, texts up to 261 tokens), for the pure estimates below
-SHAPE_05B = {"params": 630_167_424, "rows": 272_269_312, "layers": 24, "hidden": 896, "intermediate": 4864, "heads": 14, "kv": 128}
+SHAPE_05B = {"params": 630_167_424, "rows": 272_269_312, "layers": 24, "hidden": 896, "intermediate": 4864,
+             "heads": 14, "kv": 128}
 
 
 def test_grid_compares_one_temperature_with_one_per_language():
@@ -599,7 +601,8 @@ def test_max_memory_picks_the_largest_batch_that_fits(limit, expected):
     assert slow == [round(g + 0.65, 2) for g in grows]
     assert pick_batch(SHAPE_05B, slow[1], batch=8, bf16_arithmetic=False, **sizes) == 2
     assert pick_batch(SHAPE_05B, slow[1], batch=8, **sizes) == 8
-    fp32 = [estimate_peak_gb(SHAPE_05B, batch=8, base_dtype="fp32", bf16_arithmetic=b, **sizes) for b in (True, False)]
+    fp32 = [estimate_peak_gb(SHAPE_05B, batch=8, base_dtype="fp32", bf16_arithmetic=b, **sizes)
+            for b in (True, False)]
     assert fp32[1] == round(fp32[0] + 0.65, 2)
     # fp32 weights but the embeddings and the untied head bf16 (load_base): 630 M parameters, 272 M of them rows
     assert abs(fp32[0] - grows[-1] - (630_167_424 - 272_269_312) * 2 / 1024 ** 3) < 0.011      # rounded to 0.01

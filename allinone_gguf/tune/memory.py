@@ -62,16 +62,21 @@ def resolve_base_dtype(base_dtype: str, bf16_arithmetic: bool) -> str:
     return base_dtype
 
 
+def safetensors_headers(checkout: Path):
+    """(file, byte offset of its data, header) for each of the checkout's *.safetensors files, in name order."""
+    for f in sorted(Path(checkout).glob("*.safetensors")):
+        with f.open("rb") as fh:
+            (size,) = struct.unpack("<Q", fh.read(8))
+            yield f, 8 + size, json.loads(fh.read(size))
+
+
 def checkout_shape(checkout: Path) -> dict:
     """The sizes the estimate needs: config.json's and the weights' element count (from the safetensors headers,
     without reading the tensors)."""
     config = json.loads((checkout / "config.json").read_text(encoding="utf-8"))
     config = config.get("text_config", config)
     params = rows = 0
-    for f in sorted(checkout.glob("*.safetensors")):
-        with f.open("rb") as fh:
-            (size,) = struct.unpack("<Q", fh.read(8))
-            header = json.loads(fh.read(size))
+    for _, _, header in safetensors_headers(checkout):
         for name, t in header.items():
             if name != "__metadata__":
                 n = 1

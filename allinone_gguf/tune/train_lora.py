@@ -51,7 +51,7 @@ from tqdm import tqdm
 from transformers import AutoModelForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))     # run as a script: the project's root
-from allinone_gguf.tune.memory import cpu_has_bf16, padded_length  # noqa: E402  (standard library only)
+from allinone_gguf.tune.memory import cpu_has_bf16, padded_length, safetensors_headers  # noqa: E402  (no torch)
 
 
 def heap_trimmer():
@@ -251,15 +251,9 @@ def fingerprint(a, bf16: bool) -> dict:
 
 def safetensors_index(checkout: str) -> dict[str, tuple[Path, int, str, list[int]]]:
     """{tensor name: (file, byte offset, safetensors dtype, shape)} over the checkout's *.safetensors files."""
-    index = {}
-    for f in sorted(Path(checkout).glob("*.safetensors")):
-        with f.open("rb") as fh:
-            size = int.from_bytes(fh.read(8), "little")
-            header = json.loads(fh.read(size))
-        for name, t in header.items():
-            if name != "__metadata__":
-                index[name] = (f, 8 + size + t["data_offsets"][0], t["dtype"], t["shape"])
-    return index
+    return {name: (f, start + t["data_offsets"][0], t["dtype"], t["shape"])
+            for f, start, header in safetensors_headers(checkout) for name, t in header.items()
+            if name != "__metadata__"}
 
 
 def read_tensor(path: Path, offset: int, shape: list[int]) -> torch.Tensor:
